@@ -1,0 +1,1 @@
+"""mmelectra: ELECTRA-style pretraining of an LXMERT-architecture image-text encoder."""
