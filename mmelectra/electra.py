@@ -1,0 +1,274 @@
+"""The method as pure functions over arrays: mask, sample, replace, label, loss, metrics.
+
+Every function here is shape-static (XLA friendly), free of model code, and tested
+alone in `tests/test_electra.py`. `objectives.py` strings them together with the model.
+
+Conventions: a "positions" array `[B, M]` lists the masked indices of each example and a
+"weights" array `[B, M]` (0/1 float) says which of the M slots are real; M is static
+(`max_masked`), the number of real slots varies per example.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+# --- masking ----------------------------------------------------------------------------
+def max_masked(length: int, rate: float) -> int:
+  """Static number of mask slots for a sequence of `length` positions."""
+  return max(1, math.ceil(rate * length))
+
+
+def num_to_mask(maskable: Array, rate: float, max_count: int) -> Array:
+  """`ceil(rate * valid)` per example, at least 1 where anything is maskable."""
+  valid = maskable.sum(axis=-1)
+  count = jnp.ceil(rate * valid.astype(jnp.float32)).astype(jnp.int32)
+  count = jnp.where(valid > 0, jnp.maximum(count, 1), 0)
+  return jnp.minimum(jnp.minimum(count, valid), max_count)
+
+
+def choose_mask_positions(rng: Array, maskable: Array, rate: float,
+                          max_count: int) -> tuple[Array, Array]:
+  """Picks exactly `ceil(rate * valid)` maskable positions per example by top-k of noise.
+
+  Args:
+    maskable: `[B, L]` bool, True where a position may be masked (real, not special).
+    max_count: static slot count M (see `max_masked`).
+  Returns:
+    positions `[B, M]` int32 and weights `[B, M]` float32 (1 for a real masked slot).
+    Slots with weight 0 point at arbitrary distinct positions and must be ignored.
+  """
+  noise = jax.random.uniform(rng, maskable.shape)
+  # Non-maskable positions sort below every maskable one.
+  scores = jnp.where(maskable, noise, -1.0)
+  _, positions = jax.lax.top_k(scores, max_count)
+  count = num_to_mask(maskable, rate, max_count)
+  weights = (jnp.arange(max_count)[None, :] < count[:, None]).astype(jnp.float32)
+  return positions.astype(jnp.int32), weights
+
+
+def positions_to_dense(positions: Array, weights: Array, length: int) -> Array:
+  """`[B, M]` slots -> `[B, L]` bool mask of the real masked positions."""
+  onehot = jax.nn.one_hot(positions, length, dtype=jnp.float32) * weights[..., None]
+  return onehot.sum(axis=1) > 0
+
+
+def gather(x: Array, positions: Array) -> Array:
+  """`x[b, positions[b, m]]` for `x` of shape `[B, L, ...]`."""
+  idx = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def scatter(x: Array, positions: Array, values: Array, weights: Array) -> Array:
+  """Writes `values[b, m]` to `x[b, positions[b, m]]` where `weights[b, m] > 0`.
+
+  Positions within an example are distinct (top-k), so writes never collide.
+  """
+  keep = gather(x, positions)
+  w = (weights > 0).reshape(weights.shape + (1,) * (values.ndim - 2))
+  values = jnp.where(w, values.astype(x.dtype), keep)
+  batch = jnp.arange(x.shape[0])[:, None]
+  return x.at[batch, positions].set(values)
+
+
+def mask_text(ids: Array, positions: Array, weights: Array, mask_id: int) -> Array:
+  """Sets the masked words to `[MASK]`."""
+  return scatter(ids, positions, jnp.full(positions.shape, mask_id, ids.dtype), weights)
+
+
+def mask_regions(feats: Array, positions: Array, weights: Array) -> Array:
+  """Zeroes the masked region features (LXMERT); boxes stay, so the model knows where."""
+  zeros = jnp.zeros(positions.shape + feats.shape[2:], feats.dtype)
+  return scatter(feats, positions, zeros, weights)
+
+
+# --- sampling ---------------------------------------------------------------------------
+def gumbel_argmax(rng: Array, logits: Array, temperature: float = 1.0) -> Array:
+  """One sample from `softmax(logits / T)` per row, by Gumbel-max; no gradient.
+
+  `temperature == 0` takes the argmax.
+  """
+  logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
+  return jnp.argmax(logits / temperature + gumbel, axis=-1).astype(jnp.int32)
+
+
+def region_candidate_scores(queries: Array, candidates: Array, candidate_valid: Array) -> Array:
+  """Scores of every masked-region query against every region of the batch.
+
+  Args:
+    queries: `[B, M, D]` generator outputs at masked regions.
+    candidates: `[N, D]` embeddings of the candidate pool (N = all regions of the global
+      batch, flattened), `candidate_valid` `[N]` bool marks real ones.
+  Returns:
+    `[B, M, N]` float32 logits, `-inf`-like where the candidate is padding.
+  """
+  scale = 1.0 / math.sqrt(queries.shape[-1])
+  scores = jnp.einsum("bmd,nd->bmn", queries.astype(jnp.float32), candidates.astype(jnp.float32)) * scale
+  return jnp.where(candidate_valid[None, None, :], scores, -1e9)
+
+
+def flat_region_index(positions: Array, num_regions: int) -> Array:
+  """Index of region `positions[b, m]` of example b in the flattened `[B*K]` pool."""
+  return jnp.arange(positions.shape[0])[:, None] * num_regions + positions
+
+
+def sample_regions_of_class(rng: Array, classes: Array, candidate_labels: Array,
+                            candidate_valid: Array) -> tuple[Array, Array]:
+  """For MOC `classify`: a uniformly drawn real region of each requested class.
+
+  Returns pool indices `[B, M]` and whether such a region existed `[B, M]`.
+  """
+  match = (candidate_labels[None, None, :] == classes[..., None]) & candidate_valid[None, None, :]
+  noise = jax.random.uniform(rng, match.shape)
+  idx = jnp.argmax(jnp.where(match, noise, -1.0), axis=-1).astype(jnp.int32)
+  return idx, match.any(axis=-1)
+
+
+# --- labels -----------------------------------------------------------------------------
+def replaced_tokens(original: Array, corrupted: Array, valid: Array) -> Array:
+  """RTD labels: 1 where the token differs from the original (a sampled original is 0)."""
+  return ((original != corrupted) & valid).astype(jnp.float32)
+
+
+def replaced_regions(original: Array, corrupted: Array, valid: Array) -> Array:
+  """R2D labels: 1 where the region feature differs from the original in any component."""
+  return ((original != corrupted).any(axis=-1) & valid).astype(jnp.float32)
+
+
+def itm_pairs(rng: Array, batch_size: int, negative_fraction: float,
+              example_mask: Array | None = None) -> tuple[Array, Array]:
+  """Chooses which examples get another example's text (ITM negatives).
+
+  Returns `text_source [B]` (index of the example whose text each example reads; itself
+  for a matched pair) and `is_matched [B]` float32. A negative never reads its own text;
+  it reads a random other real example's.
+  """
+  rng_neg, rng_src = jax.random.split(rng)
+  negative = jax.random.uniform(rng_neg, (batch_size,)) < negative_fraction
+  if batch_size < 2:
+    negative = jnp.zeros_like(negative)
+  real = jnp.ones((batch_size,), bool) if example_mask is None else example_mask
+  # Another real example, uniformly: random scores, own index and padding excluded.
+  scores = jax.random.uniform(rng_src, (batch_size, batch_size))
+  allowed = real[None, :] & ~jnp.eye(batch_size, dtype=bool)
+  other = jnp.argmax(jnp.where(allowed, scores, -1.0), axis=-1)
+  negative = negative & allowed.any(axis=-1)
+  source = jnp.where(negative, other, jnp.arange(batch_size)).astype(jnp.int32)
+  return source, (~negative).astype(jnp.float32)
+
+
+# --- losses -----------------------------------------------------------------------------
+# Each loss returns (sum, weight) so that losses and metrics aggregate exactly over
+# micro-batches, devices and evaluation batches; the mean is sum / weight.
+def cross_entropy(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return (nll * weights).sum(), weights.sum()
+
+
+def sigmoid_cross_entropy(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
+  logits = logits.astype(jnp.float32)
+  loss = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  return (loss * weights).sum(), weights.sum()
+
+
+def smooth_l1(pred: Array, target: Array, weights: Array, beta: float = 1.0) -> tuple[Array, Array]:
+  """Smooth-L1 summed over the feature axis, weighted per position."""
+  diff = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
+  loss = jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta).sum(axis=-1)
+  return (loss * weights).sum(), weights.sum()
+
+
+def mean(pair: tuple[Array, Array]) -> Array:
+  total, weight = pair
+  return total / jnp.maximum(weight, 1e-9)
+
+
+LOSS_NAMES = ("moc", "mlm", "r2d", "rtd", "itm")
+
+
+def weighted_total(losses: dict[str, Array], weights) -> Array:
+  """`w1*L1 + ... + w5*L5` over the losses present; a zero weight drops the term."""
+  total = jnp.zeros((), jnp.float32)
+  for name in LOSS_NAMES:
+    w = float(weights[name])
+    if w != 0.0 and name in losses:
+      total = total + w * losses[name]
+  return total
+
+
+# --- metrics ----------------------------------------------------------------------------
+# Metrics are sums of (numerator, denominator) pairs plus score histograms for AUC, so
+# they add up across steps and batches; `finalize_metrics` (host side) divides.
+# AUC histograms bin the logit (not the probability: early in training the scores cluster
+# and probability bins would merge them); 0.015 logit resolution over [-15, 15].
+AUC_BINS = 2000
+AUC_LOGIT_RANGE = 15.0
+
+
+def accuracy_sums(pred: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
+  return ((pred == labels).astype(jnp.float32) * weights).sum(), weights.sum()
+
+
+def binary_metric_sums(prefix: str, logits: Array, labels: Array, weights: Array) -> dict:
+  """Accuracy, precision, recall (threshold 0.5) and a score histogram per class for AUC."""
+  pred = (logits > 0).astype(jnp.float32)
+  pos = labels * weights
+  neg = (1 - labels) * weights
+  tp = (pred * pos).sum()
+  scaled = (logits.astype(jnp.float32) + AUC_LOGIT_RANGE) / (2 * AUC_LOGIT_RANGE)
+  bins = jnp.clip(jnp.floor(scaled * AUC_BINS).astype(jnp.int32), 0, AUC_BINS - 1)
+  hist_pos = jnp.zeros(AUC_BINS, jnp.float32).at[bins.ravel()].add(pos.ravel())
+  hist_neg = jnp.zeros(AUC_BINS, jnp.float32).at[bins.ravel()].add(neg.ravel())
+  return {
+      f"{prefix}_acc": accuracy_sums(pred, labels, weights),
+      f"{prefix}_precision": (tp, (pred * weights).sum()),
+      f"{prefix}_recall": (tp, pos.sum()),
+      f"{prefix}_auc": (hist_pos, hist_neg),
+  }
+
+
+def auc_from_histograms(hist_pos, hist_neg) -> float:
+  """ROC AUC from per-bin counts; ties within a bin count one half (Mann-Whitney)."""
+  import numpy as np
+
+  hist_pos = np.asarray(hist_pos, np.float64)
+  hist_neg = np.asarray(hist_neg, np.float64)
+  n_pos, n_neg = hist_pos.sum(), hist_neg.sum()
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  neg_below = np.cumsum(hist_neg) - hist_neg
+  wins = (hist_pos * (neg_below + 0.5 * hist_neg)).sum()
+  return float(wins / (n_pos * n_neg))
+
+
+def add_metric_sums(a: dict | None, b: dict) -> dict:
+  """Adds two metric-sum dicts (host or device arrays)."""
+  if a is None:
+    return b
+  return jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def finalize_metrics(sums: dict) -> dict[str, float]:
+  """Turns accumulated sums into values; a metric with zero denominator is dropped."""
+  import numpy as np
+
+  out = {}
+  for name, (num, den) in sums.items():
+    if name.endswith("_auc"):
+      value = auc_from_histograms(num, den)
+      if not math.isnan(value):
+        out[name] = value
+      continue
+    den = float(np.asarray(den))
+    if den > 0:
+      out[name] = float(np.asarray(num)) / den
+  return out

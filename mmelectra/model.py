@@ -1,0 +1,501 @@
+"""Linen modules: the LXMERT-architecture encoder, the ELECTRA generator and the heads.
+
+Layout follows Hugging Face `LxmertModel` so the trained encoder exports to PyTorch with
+identical outputs (METHOD.md decision 1): word + position + token-type embeddings with
+LayerNorm; visual embedding `(LN(fc(feat)) + LN(fc(box))) / 2`; L language layers, R
+region layers, X cross-modality layers (one cross-attention module used in both
+directions, then per-modality self-attention, then per-modality FFN); post-LN, erf GELU,
+LayerNorm eps 1e-12, pooler on the first text token.
+
+Every parameter carries logical axis names (MaxText style); `config.logical_axis_rules`
+maps them to the `(data, fsdp, model)` mesh. Activations carry logical constraints.
+
+The generator (ELECTRA) is the same `Encoder` class at a fraction of the width. It reads
+the discriminator's embedding outputs (the word table and visual projection are shared,
+not copied) through one dense projection that adapts the width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+
+# Mask value added to attention scores at padded keys. Large and finite so a row whose
+# keys are all padding stays finite (uniform), as in Hugging Face's implementation.
+_MASK_VALUE = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Sizes of one LXMERT-architecture encoder stack."""
+
+  hidden_size: int
+  num_heads: int
+  mlp_dim: int
+  l_layers: int
+  r_layers: int
+  x_layers: int
+  layer_norm_eps: float = 1e-12
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  dtype: DType = jnp.float32
+  remat: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+def _kernel_init(names):
+  # BERT/LXMERT initialise every dense and embedding weight from N(0, 0.02).
+  return nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
+
+
+def _zeros(names):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def _layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name,
+      scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)))
+
+
+def _dense(features: int, in_name: str, out_name: str, dtype: DType, name: str) -> nn.Dense:
+  return nn.Dense(
+      features, dtype=dtype, name=name,
+      kernel_init=_kernel_init((in_name, out_name)), bias_init=_zeros((out_name,)))
+
+
+def gelu(x: Array) -> Array:
+  # Exact (erf) GELU, as BERT and LXMERT use; the tanh approximation would break parity.
+  return jax.nn.gelu(x, approximate=False)
+
+
+class _Einsum(nn.Module):
+  """A dense layer as one einsum with a multi-dimensional kernel.
+
+  `nn.DenseGeneral` initialises a flattened kernel and reshapes it, which breaks
+  multi-dimensional logical axis names; this keeps the kernel's true shape throughout.
+  """
+
+  equation: str
+  kernel_shape: tuple[int, ...]
+  kernel_names: tuple[str, ...]
+  bias_names: tuple[str, ...]
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    nb = len(self.bias_names)
+    kernel = self.param("kernel", _kernel_init(self.kernel_names), self.kernel_shape, jnp.float32)
+    bias = self.param("bias", _zeros(self.bias_names), self.kernel_shape[-nb:], jnp.float32)
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head attention of `x` over `context`, then dense + dropout + residual LayerNorm.
+
+  Hugging Face splits this into `LxmertAttention` (query/key/value) and
+  `LxmertAttentionOutput` (dense/LayerNorm). Key and value are one fused projection.
+  """
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array, context_mask: Array, deterministic: bool) -> Array:
+    cfg = self.cfg
+    heads, head_dim = cfg.num_heads, cfg.head_dim
+    hidden = cfg.hidden_size
+    query = _Einsum("...e,ehd->...hd", (hidden, heads, head_dim), ("embed", "heads", "kv"),
+                    ("heads", "kv"), cfg.dtype, name="query")(x)
+    key_value = _Einsum("...e,ethd->...thd", (hidden, 2, heads, head_dim),
+                        ("embed", "qkv", "heads", "kv"), ("qkv", "heads", "kv"), cfg.dtype,
+                        name="key_value")(context)
+    key, value = key_value[..., 0, :, :], key_value[..., 1, :, :]
+    query = nn.with_logical_constraint(query, ("batch", "length", "act_heads", "act_kv"))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) / jnp.sqrt(head_dim).astype(cfg.dtype)
+    # Softmax in float32 whatever the compute dtype.
+    scores = scores.astype(jnp.float32)
+    scores = jnp.where(context_mask[:, None, None, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.dtype), value)
+    out = _Einsum("...hd,hde->...e", (heads, head_dim, hidden), ("heads", "kv", "embed"),
+                  ("embed",), cfg.dtype, name="output")(attended)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return _layer_norm(cfg, "output_layer_norm")(out + x)
+
+
+class FeedForward(nn.Module):
+  """Intermediate dense + GELU, output dense + dropout + residual LayerNorm."""
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    cfg = self.cfg
+    h = _dense(cfg.mlp_dim, "embed", "mlp", cfg.dtype, "intermediate")(x)
+    h = gelu(h)
+    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+    out = _dense(cfg.hidden_size, "mlp", "embed", cfg.dtype, "output")(h)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return _layer_norm(cfg, "output_layer_norm")(out + x)
+
+
+class TransformerLayer(nn.Module):
+  """One single-modality layer (Hugging Face `LxmertLayer`)."""
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    x = AttentionBlock(self.cfg, name="attention")(x, x, mask, deterministic)
+    return FeedForward(self.cfg, name="ffn")(x, deterministic)
+
+
+class CrossModalityLayer(nn.Module):
+  """One cross-modality layer (Hugging Face `LxmertXLayer`).
+
+  The same cross-attention module serves both directions, and both directions read the
+  layer's inputs (not each other's outputs), as LXMERT does.
+  """
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, lang: Array, lang_mask: Array, vis: Array, vis_mask: Array,
+               deterministic: bool) -> tuple[Array, Array]:
+    cross = AttentionBlock(self.cfg, name="cross_attention")
+    lang_x = cross(lang, vis, vis_mask, deterministic)
+    vis_x = cross(vis, lang, lang_mask, deterministic)
+    lang = AttentionBlock(self.cfg, name="lang_self_attention")(lang_x, lang_x, lang_mask, deterministic)
+    vis = AttentionBlock(self.cfg, name="visn_self_attention")(vis_x, vis_x, vis_mask, deterministic)
+    lang = FeedForward(self.cfg, name="lang_ffn")(lang, deterministic)
+    vis = FeedForward(self.cfg, name="visn_ffn")(vis, deterministic)
+    return lang, vis
+
+
+def _maybe_remat(module_cls, cfg: EncoderConfig):
+  if cfg.remat:
+    # Deterministic flag is static: it selects code, it is not data.
+    return nn.remat(module_cls, static_argnums=(-1,))
+  return module_cls
+
+
+class Encoder(nn.Module):
+  """L language layers, R region layers, then X cross-modality layers."""
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, lang: Array, lang_mask: Array, vis: Array, vis_mask: Array,
+               deterministic: bool) -> tuple[Array, Array]:
+    cfg = self.cfg
+    layer_cls = _maybe_remat(TransformerLayer, cfg)
+    x_layer_cls = _maybe_remat(CrossModalityLayer, cfg)
+    for i in range(cfg.l_layers):
+      lang = layer_cls(cfg, name=f"l_layer_{i}")(lang, lang_mask, deterministic)
+      lang = nn.with_logical_constraint(lang, ("batch", "length", "act_embed"))
+    for i in range(cfg.r_layers):
+      vis = layer_cls(cfg, name=f"r_layer_{i}")(vis, vis_mask, deterministic)
+      vis = nn.with_logical_constraint(vis, ("batch", "regions", "act_embed"))
+    for i in range(cfg.x_layers):
+      lang, vis = x_layer_cls(cfg, name=f"x_layer_{i}")(lang, lang_mask, vis, vis_mask, deterministic)
+      lang = nn.with_logical_constraint(lang, ("batch", "length", "act_embed"))
+      vis = nn.with_logical_constraint(vis, ("batch", "regions", "act_embed"))
+    return lang, vis
+
+
+class TextEmbeddings(nn.Module):
+  """word + position + token type, LayerNorm, dropout (Hugging Face `LxmertEmbeddings`)."""
+
+  cfg: EncoderConfig
+  vocab_size: int
+  max_position: int
+  type_vocab_size: int
+
+  def setup(self):
+    cfg = self.cfg
+    self.word_embeddings = nn.Embed(
+        self.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+        embedding_init=_kernel_init(("vocab", "embed")))
+    self.position_embeddings = nn.Embed(
+        self.max_position, cfg.hidden_size, dtype=cfg.dtype,
+        embedding_init=_kernel_init(("position", "embed")))
+    self.token_type_embeddings = nn.Embed(
+        self.type_vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+        embedding_init=_kernel_init(("token_type", "embed")))
+    self.layer_norm = _layer_norm(cfg, "layer_norm")
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, ids: Array, deterministic: bool) -> Array:
+    if ids.shape[1] > self.max_position:
+      raise ValueError(f"text length {ids.shape[1]} exceeds model.max_position={self.max_position}")
+    positions = jnp.arange(ids.shape[1])[None, :]
+    x = (self.word_embeddings(ids) + self.position_embeddings(positions)
+         + self.token_type_embeddings(jnp.zeros_like(ids)))
+    x = self.layer_norm(x)
+    return self.dropout(x, deterministic=deterministic)
+
+  def attend(self, x: Array) -> Array:
+    """Logits against the word table (the tied MLM decoder)."""
+    return self.word_embeddings.attend(x)
+
+
+class VisualEmbeddings(nn.Module):
+  """`(LN(fc(feat)) + LN(fc(box))) / 2`, dropout (Hugging Face `LxmertVisualFeatureEncoder`)."""
+
+  cfg: EncoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    # Masked and padded regions have all-zero features, so fc(feat) is the bias alone and
+    # LayerNorm(eps=1e-12) of a constant vector has a ~1e6 gradient: a zero-initialised
+    # bias gives one parameter a gradient norm of ~1e4, and global-norm clipping then
+    # starves every other parameter. A small random bias keeps that LayerNorm conditioned.
+    self.visn_fc = nn.Dense(cfg.hidden_size, dtype=cfg.dtype, name="visn_fc",
+                            kernel_init=_kernel_init(("visual_feat", "embed")),
+                            bias_init=_kernel_init(("embed",)))
+    self.visn_layer_norm = _layer_norm(cfg, "visn_layer_norm")
+    self.box_fc = _dense(cfg.hidden_size, "box", "embed", cfg.dtype, "box_fc")
+    self.box_layer_norm = _layer_norm(cfg, "box_layer_norm")
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def project_features(self, feats: Array) -> Array:
+    """LN(fc(feat)): the region-feature embedding, also the key of MOC `sample` candidates."""
+    return self.visn_layer_norm(self.visn_fc(feats))
+
+  def __call__(self, feats: Array, boxes: Array, deterministic: bool) -> Array:
+    x = (self.project_features(feats) + self.box_layer_norm(self.box_fc(boxes))) / 2
+    return self.dropout(x, deterministic=deterministic)
+
+
+class TiedMLMHead(nn.Module):
+  """dense + GELU + LayerNorm to the embedding width, then the tied word table + bias."""
+
+  cfg: EncoderConfig
+  embed_dim: int
+  vocab_size: int
+
+  @nn.compact
+  def __call__(self, x: Array, embeddings: TextEmbeddings) -> Array:
+    h = _dense(self.embed_dim, "hidden", "embed", self.cfg.dtype, "transform")(x)
+    h = gelu(h)
+    h = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype, name="transform_layer_norm",
+                     scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)))(h)
+    logits = embeddings.attend(h)
+    bias = self.param("bias", _zeros(("vocab",)), (self.vocab_size,), jnp.float32)
+    return logits.astype(jnp.float32) + bias
+
+
+class MOCHead(nn.Module):
+  """Masked-object head. Output depends on the mode (METHOD.md decision 5).
+
+  sample: a query in the embedding width, scored against candidate region embeddings;
+  regress: the region feature itself; classify: logits over object classes.
+  """
+
+  cfg: EncoderConfig
+  mode: str
+  out_dim: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = _dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "transform")(x)
+    h = gelu(h)
+    h = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype, name="transform_layer_norm",
+                     scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)))(h)
+    out_name = {"sample": "embed", "regress": "visual_feat", "classify": "classes"}[self.mode]
+    out = _dense(self.out_dim, "hidden", out_name, self.cfg.dtype, "output")(h)
+    return out.astype(jnp.float32)
+
+
+class BinaryHead(nn.Module):
+  """ELECTRA discriminator head: dense + GELU + dense to one logit per position."""
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = gelu(_dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "dense")(x))
+    return _dense(1, "hidden", "classes", self.cfg.dtype, "logit")(h)[..., 0].astype(jnp.float32)
+
+
+class Pooler(nn.Module):
+  """tanh(dense(first text token)), Hugging Face `LxmertPooler`."""
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, lang: Array) -> Array:
+    return jnp.tanh(_dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "dense")(lang[:, 0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that fixes the parameter shapes of `MMElectra`."""
+
+  encoder: EncoderConfig
+  generator: EncoderConfig | None  # None for objective "mlm"
+  vocab_size: int
+  max_position: int
+  type_vocab_size: int
+  visual_feat_dim: int
+  moc_mode: str  # sample | regress | classify
+  num_object_classes: int
+
+  def moc_out_dim(self, width: int) -> int:
+    return {"sample": self.encoder.hidden_size, "regress": self.visual_feat_dim,
+            "classify": self.num_object_classes}[self.moc_mode]
+
+
+def model_config_from(config) -> ModelConfig:
+  """Builds the static `ModelConfig` from the ml_collections run config."""
+  m = config.model
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
+  enc = EncoderConfig(
+      hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+      l_layers=m.l_layers, r_layers=m.r_layers, x_layers=m.x_layers,
+      layer_norm_eps=m.layer_norm_eps, dropout_rate=m.dropout_rate,
+      attention_dropout_rate=m.attention_dropout_rate, dtype=dtype, remat=m.remat)
+  gen = None
+  if config.objective == "electra":
+    width = max(int(round(m.hidden_size * m.generator_width_ratio)), 1)
+    heads = max(int(round(m.num_heads * m.generator_width_ratio)), 1)
+    if width % heads:
+      raise ValueError(f"generator width {width} is not divisible by its {heads} heads; "
+                       f"change model.generator_width_ratio={m.generator_width_ratio}")
+    gen = dataclasses.replace(enc, hidden_size=width, num_heads=heads,
+                              mlp_dim=max(int(round(m.mlp_dim * m.generator_width_ratio)), 1))
+  elif config.objective != "mlm":
+    raise ValueError(f"config.objective must be 'electra' or 'mlm', got {config.objective!r}")
+  if m.hidden_size % m.num_heads:
+    raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+  if m.moc_mode not in ("sample", "regress", "classify"):
+    raise ValueError(f"model.moc_mode must be sample|regress|classify, got {m.moc_mode!r}")
+  return ModelConfig(
+      encoder=enc, generator=gen, vocab_size=m.vocab_size, max_position=m.max_position,
+      type_vocab_size=m.type_vocab_size, visual_feat_dim=m.visual_feat_dim,
+      moc_mode=m.moc_mode, num_object_classes=m.num_object_classes)
+
+
+class MMElectra(nn.Module):
+  """Shared embeddings, discriminator (= deployed encoder), generator and heads.
+
+  Methods are entry points for `apply(..., method=...)`; the method's orchestration
+  (masking, sampling, replacing, losses) lives in pure functions in `electra.py` and
+  `objectives.py`.
+  """
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    enc = cfg.encoder
+    self.embeddings = TextEmbeddings(enc, cfg.vocab_size, cfg.max_position, cfg.type_vocab_size)
+    self.visual_embeddings = VisualEmbeddings(enc)
+    self.encoder = Encoder(enc)
+    self.pooler = Pooler(enc)
+    self.itm_head = _dense(2, "hidden", "classes", enc.dtype, "itm_head")
+    if cfg.generator is None:
+      # Objective "mlm": the encoder itself predicts masked words and regions.
+      self.mlm_head = TiedMLMHead(enc, enc.hidden_size, cfg.vocab_size)
+      self.moc_head = MOCHead(enc, cfg.moc_mode, cfg.moc_out_dim(enc.hidden_size))
+    else:
+      gen = cfg.generator
+      self.rtd_head = BinaryHead(enc)
+      self.r2d_head = BinaryHead(enc)
+      self.generator_projection = _dense(gen.hidden_size, "embed", "hidden", gen.dtype,
+                                         "generator_projection")
+      self.generator = Encoder(gen)
+      self.generator_mlm_head = TiedMLMHead(gen, enc.hidden_size, cfg.vocab_size)
+      self.generator_moc_head = MOCHead(gen, cfg.moc_mode, cfg.moc_out_dim(gen.hidden_size))
+
+  # --- shared pieces -------------------------------------------------------------------
+  def _embed(self, text_ids, region_feats, region_boxes, deterministic):
+    lang = self.embeddings(text_ids, deterministic)
+    vis = self.visual_embeddings(region_feats, region_boxes, deterministic)
+    return lang, vis
+
+  def candidate_embeddings(self, region_feats: Array) -> Array:
+    """Keys of MOC `sample` candidates: the shared visual feature projection."""
+    return self.visual_embeddings.project_features(region_feats).astype(jnp.float32)
+
+  def encode(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
+             deterministic: bool = True):
+    """The deployed model: (language output, vision output, pooled output)."""
+    lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic)
+    lang, vis = self.encoder(lang, text_mask, vis, region_mask, deterministic)
+    return lang, vis, self.pooler(lang)
+
+  def itm_logits(self, pooled: Array) -> Array:
+    return self.itm_head(pooled).astype(jnp.float32)
+
+  # --- ELECTRA --------------------------------------------------------------------------
+  def generate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
+               text_positions, region_positions, deterministic: bool):
+    """Generator predictions at the masked positions only.
+
+    Returns MLM logits `[B, Mt, V]` and the MOC output `[B, Mr, D]` (see `MOCHead`).
+    Gathering before the vocabulary projection keeps the head's cost at the masked 15%.
+    """
+    lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic)
+    lang, vis = self.generator_projection(lang), self.generator_projection(vis)
+    lang, vis = self.generator(lang, text_mask, vis, region_mask, deterministic)
+    lang_m = jnp.take_along_axis(lang, text_positions[..., None], axis=1)
+    vis_m = jnp.take_along_axis(vis, region_positions[..., None], axis=1)
+    return self.generator_mlm_head(lang_m, self.embeddings), self.generator_moc_head(vis_m)
+
+  def discriminate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
+                   deterministic: bool):
+    """RTD logits `[B, T]`, R2D logits `[B, K]`, ITM logits `[B, 2]` on the fused features."""
+    lang, vis, pooled = self.encode(text_ids, text_mask, region_feats, region_boxes,
+                                    region_mask, deterministic)
+    return self.rtd_head(lang), self.r2d_head(vis), self.itm_logits(pooled)
+
+  # --- MLM baseline ---------------------------------------------------------------------
+  def predict_masked(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
+                     text_positions, region_positions, deterministic: bool):
+    """Objective "mlm": MLM logits, MOC output at masked positions and ITM logits."""
+    lang, vis, pooled = self.encode(text_ids, text_mask, region_feats, region_boxes,
+                                    region_mask, deterministic)
+    lang_m = jnp.take_along_axis(lang, text_positions[..., None], axis=1)
+    vis_m = jnp.take_along_axis(vis, region_positions[..., None], axis=1)
+    return self.mlm_head(lang_m, self.embeddings), self.moc_head(vis_m), self.itm_logits(pooled)
+
+  def __call__(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
+               text_positions, region_positions, deterministic: bool = True):
+    """Touches every parameter; used by `init`."""
+    out = {"candidates": self.candidate_embeddings(region_feats)}
+    if self.cfg.generator is None:
+      out["mlm"] = self.predict_masked(text_ids, text_mask, region_feats, region_boxes,
+                                       region_mask, text_positions, region_positions, deterministic)
+    else:
+      out["generator"] = self.generate(text_ids, text_mask, region_feats, region_boxes,
+                                       region_mask, text_positions, region_positions, deterministic)
+      out["discriminator"] = self.discriminate(text_ids, text_mask, region_feats, region_boxes,
+                                               region_mask, deterministic)
+    return out
+
+
+# Parameters that the deployed model keeps (METHOD.md [0116]): shared embeddings,
+# encoder, pooler and ITM head. Everything else is pretraining-only.
+DEPLOYED_PARAM_PREFIXES = ("embeddings", "visual_embeddings", "encoder", "pooler", "itm_head")
+
+
+def deployed_params(params: dict) -> dict:
+  """Drops the generator and the RTD/R2D/MLM/MOC heads."""
+  return {k: v for k, v in params.items() if k in DEPLOYED_PARAM_PREFIXES}

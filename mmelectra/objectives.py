@@ -1,0 +1,246 @@
+"""The two pretraining objectives as functions of (params, batch, rng).
+
+`electra`: generator fills masked words and regions, the predictions are written back,
+the discriminator (fusion encoder) reads the corrupted pair and judges every word (RTD)
+and every region (R2D); ITM rides on the pooled output. Five losses (METHOD.md).
+`mlm`: the LXMERT/UNITER baseline; the encoder itself does MLM + MOC + ITM.
+
+Both return `(loss, metric_sums)`; see `electra.finalize_metrics`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mmelectra import electra
+from mmelectra.model import MMElectra
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """Static (hashable) settings of the objective, read from the run config."""
+
+  objective: str
+  moc_mode: str
+  text_mask_rate: float
+  region_mask_rate: float
+  max_text_masked: int
+  max_region_masked: int
+  itm_negative_fraction: float
+  text_temperature: float
+  region_temperature: float
+  loss_weights: tuple[tuple[str, float], ...]
+  mask_id: int
+  special_ids: tuple[int, ...]  # never masked: [CLS], [SEP], [PAD]
+
+  @property
+  def weights(self) -> dict[str, float]:
+    return dict(self.loss_weights)
+
+
+def objective_config_from(config, special_token_ids: Mapping[str, int]) -> ObjectiveConfig:
+  text_len, num_regions = config.data.max_text_len, config.model.num_regions
+  return ObjectiveConfig(
+      objective=config.objective,
+      moc_mode=config.model.moc_mode,
+      text_mask_rate=config.text_mask_rate,
+      region_mask_rate=config.region_mask_rate,
+      max_text_masked=electra.max_masked(text_len, config.text_mask_rate),
+      max_region_masked=electra.max_masked(num_regions, config.region_mask_rate),
+      itm_negative_fraction=config.itm_negative_fraction,
+      text_temperature=config.text_temperature,
+      region_temperature=config.region_temperature,
+      loss_weights=tuple((k, float(config.loss_weights[k])) for k in electra.LOSS_NAMES),
+      mask_id=int(special_token_ids["mask"]),
+      special_ids=tuple(int(special_token_ids[k]) for k in ("cls", "sep", "pad")),
+  )
+
+
+@dataclasses.dataclass
+class _Inputs:
+  """The batch after ITM pairing and masking, shared by both objectives."""
+
+  text_ids: Array
+  text_mask: Array
+  masked_ids: Array
+  text_positions: Array
+  text_weights: Array  # real mask slots
+  feats: Array
+  boxes: Array
+  region_mask: Array
+  region_labels: Array
+  masked_feats: Array
+  region_positions: Array
+  region_weights: Array
+  example: Array  # [B] float, 1 for real examples
+  matched: Array  # [B] float, 1 for matched (positive) pairs
+
+
+def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _Inputs:
+  rng_itm, rng_text, rng_region = jax.random.split(rng, 3)
+  example_mask = batch.get("example_mask")
+  if example_mask is None:
+    example_mask = jnp.ones(batch["text_ids"].shape[:1], bool)
+  batch_size = batch["text_ids"].shape[0]
+  source, matched = electra.itm_pairs(rng_itm, batch_size, ocfg.itm_negative_fraction, example_mask)
+  text_ids = batch["text_ids"][source]
+  text_mask = batch["text_mask"][source].astype(bool)
+  maskable = text_mask & ~jnp.isin(text_ids, jnp.asarray(ocfg.special_ids))
+  t_pos, t_w = electra.choose_mask_positions(rng_text, maskable, ocfg.text_mask_rate, ocfg.max_text_masked)
+  region_mask = batch["region_mask"].astype(bool)
+  r_pos, r_w = electra.choose_mask_positions(rng_region, region_mask, ocfg.region_mask_rate,
+                                             ocfg.max_region_masked)
+  feats = batch["region_feats"]
+  labels = batch.get("region_labels")
+  if labels is None:
+    labels = jnp.full(region_mask.shape, -1, jnp.int32)
+  return _Inputs(
+      text_ids=text_ids, text_mask=text_mask,
+      masked_ids=electra.mask_text(text_ids, t_pos, t_w, ocfg.mask_id),
+      text_positions=t_pos, text_weights=t_w,
+      feats=feats, boxes=batch["region_boxes"], region_mask=region_mask, region_labels=labels,
+      masked_feats=electra.mask_regions(feats, r_pos, r_w),
+      region_positions=r_pos, region_weights=r_w,
+      example=example_mask.astype(jnp.float32), matched=matched)
+
+
+def _mlm_terms(mlm_logits, x: _Inputs, loss_weight: Array):
+  """L2 and mlm_acc for logits at the masked text slots."""
+  target = electra.gather(x.text_ids, x.text_positions)
+  mlm = electra.cross_entropy(mlm_logits, target, loss_weight)
+  acc = electra.accuracy_sums(jnp.argmax(mlm_logits, -1), target, loss_weight)
+  return target, mlm, acc
+
+
+def _moc_terms(model: MMElectra, params, moc_out, x: _Inputs, loss_weight: Array,
+               ocfg: ObjectiveConfig):
+  """L1 and moc_acc; also what replacement sampling needs (mode dependent)."""
+  num_regions = x.feats.shape[1]
+  if ocfg.moc_mode == "sample":
+    pool_feats = x.feats.reshape(-1, x.feats.shape[-1])
+    candidates = model.apply({"params": params}, pool_feats, method=MMElectra.candidate_embeddings)
+    scores = electra.region_candidate_scores(moc_out, candidates, x.region_mask.reshape(-1))
+    target = electra.flat_region_index(x.region_positions, num_regions)
+    moc = electra.cross_entropy(scores, target, loss_weight)
+    acc = electra.accuracy_sums(jnp.argmax(scores, -1), target, loss_weight)
+    return moc, acc, scores, loss_weight
+  if ocfg.moc_mode == "regress":
+    target = electra.gather(x.feats, x.region_positions)
+    return electra.smooth_l1(moc_out, target, loss_weight), None, None, loss_weight
+  # classify: only regions with a label count.
+  labels = electra.gather(x.region_labels, x.region_positions)
+  labelled = loss_weight * (labels >= 0)
+  safe_labels = jnp.maximum(labels, 0)
+  moc = electra.cross_entropy(moc_out, safe_labels, labelled)
+  acc = electra.accuracy_sums(jnp.argmax(moc_out, -1), safe_labels, labelled)
+  return moc, acc, moc_out, labelled
+
+
+def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveConfig) -> Array:
+  """Region features written back at the masked regions `[B, Mr, Dv]`."""
+  pool_feats = x.feats.reshape(-1, x.feats.shape[-1])
+  original = electra.gather(x.feats, x.region_positions)
+  if ocfg.moc_mode == "sample":
+    idx = electra.gumbel_argmax(rng, moc_scores, ocfg.region_temperature)
+    return pool_feats[idx]
+  if ocfg.moc_mode == "regress":
+    # The regressed vector itself: R2D's gradient reaches the generator through it.
+    return moc_out.astype(x.feats.dtype)
+  rng_cls, rng_pick = jax.random.split(rng)
+  classes = electra.gumbel_argmax(rng_cls, moc_scores, ocfg.region_temperature)
+  idx, found = electra.sample_regions_of_class(
+      rng_pick, classes, x.region_labels.reshape(-1), x.region_mask.reshape(-1))
+  return jnp.where(found[..., None], pool_feats[idx], original)
+
+
+def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
+                   deterministic: bool) -> tuple[Array, dict]:
+  rng_prep, rng_gen, rng_disc, rng_text, rng_region = jax.random.split(rng, 5)
+  x = _prepare(batch, rng_prep, ocfg)
+  # L1-L4 count matched pairs only (LXMERT); padding examples count nowhere.
+  pair_w = x.example * x.matched
+  text_loss_w = x.text_weights * pair_w[:, None]
+  region_loss_w = x.region_weights * pair_w[:, None]
+
+  mlm_logits, moc_out = model.apply(
+      {"params": params}, x.masked_ids, x.text_mask, x.masked_feats, x.boxes, x.region_mask,
+      x.text_positions, x.region_positions, deterministic,
+      method=MMElectra.generate, rngs={"dropout": rng_gen})
+  _, mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
+  moc, moc_acc, moc_scores, _ = _moc_terms(model, params, moc_out, x, region_loss_w, ocfg)
+
+  # Write the generator's predictions back (gradient stopped through token samples).
+  sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
+  corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
+  replacement = _replacement_regions(rng_region, moc_out, moc_scores, x, ocfg)
+  corrupted_feats = electra.scatter(x.feats, x.region_positions, replacement, x.region_weights)
+
+  rtd_labels = electra.replaced_tokens(x.text_ids, corrupted_ids, x.text_mask)
+  r2d_labels = electra.replaced_regions(x.feats, corrupted_feats, x.region_mask)
+
+  rtd_logits, r2d_logits, itm_logits = model.apply(
+      {"params": params}, corrupted_ids, x.text_mask, corrupted_feats, x.boxes, x.region_mask, deterministic,
+      method=MMElectra.discriminate, rngs={"dropout": rng_disc})
+  text_w = x.text_mask * pair_w[:, None]
+  region_w = x.region_mask * pair_w[:, None]
+  rtd = electra.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
+  r2d = electra.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
+  itm_labels = x.matched.astype(jnp.int32)
+  itm = electra.cross_entropy(itm_logits, itm_labels, x.example)
+
+  losses = {"moc": moc, "mlm": mlm, "r2d": r2d, "rtd": rtd, "itm": itm}
+  loss = electra.weighted_total({k: electra.mean(v) for k, v in losses.items()}, ocfg.weights)
+  sums = {f"{k}_loss": v for k, v in losses.items()}
+  sums["mlm_acc"] = mlm_acc
+  if moc_acc is not None:
+    sums["moc_acc"] = moc_acc
+  sums.update(electra.binary_metric_sums("rtd", rtd_logits, rtd_labels, text_w))
+  sums.update(electra.binary_metric_sums("r2d", r2d_logits, r2d_labels, region_w))
+  sums["itm_acc"] = electra.accuracy_sums(jnp.argmax(itm_logits, -1), itm_labels, x.example)
+  masked_text = electra.positions_to_dense(x.text_positions, x.text_weights * pair_w[:, None],
+                                           x.text_ids.shape[1])
+  masked_regions = electra.positions_to_dense(x.region_positions, x.region_weights * pair_w[:, None],
+                                              x.feats.shape[1])
+  sums["text_replaced_frac"] = ((rtd_labels * masked_text).sum(), masked_text.sum().astype(jnp.float32))
+  sums["region_replaced_frac"] = ((r2d_labels * masked_regions).sum(),
+                                  masked_regions.sum().astype(jnp.float32))
+  sums["loss"] = (loss * x.example.sum(), x.example.sum())
+  return loss, sums
+
+
+def mlm_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
+               deterministic: bool) -> tuple[Array, dict]:
+  rng_prep, rng_model = jax.random.split(rng)
+  x = _prepare(batch, rng_prep, ocfg)
+  pair_w = x.example * x.matched
+  text_loss_w = x.text_weights * pair_w[:, None]
+  region_loss_w = x.region_weights * pair_w[:, None]
+  mlm_logits, moc_out, itm_logits = model.apply(
+      {"params": params}, x.masked_ids, x.text_mask, x.masked_feats, x.boxes, x.region_mask,
+      x.text_positions, x.region_positions, deterministic,
+      method=MMElectra.predict_masked, rngs={"dropout": rng_model})
+  _, mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
+  moc, moc_acc, _, _ = _moc_terms(model, params, moc_out, x, region_loss_w, ocfg)
+  itm_labels = x.matched.astype(jnp.int32)
+  itm = electra.cross_entropy(itm_logits, itm_labels, x.example)
+  losses = {"moc": moc, "mlm": mlm, "itm": itm}
+  loss = electra.weighted_total({k: electra.mean(v) for k, v in losses.items()}, ocfg.weights)
+  sums = {f"{k}_loss": v for k, v in losses.items()}
+  sums["mlm_acc"] = mlm_acc
+  if moc_acc is not None:
+    sums["moc_acc"] = moc_acc
+  sums["itm_acc"] = electra.accuracy_sums(jnp.argmax(itm_logits, -1), itm_labels, x.example)
+  sums["loss"] = (loss * x.example.sum(), x.example.sum())
+  return loss, sums
+
+
+def compute_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
+                   deterministic: bool) -> tuple[Array, dict]:
+  fn = electra_losses if ocfg.objective == "electra" else mlm_losses
+  return fn(model, params, batch, rng, ocfg, deterministic)

@@ -1,0 +1,193 @@
+"""Each pure function of the method, alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmelectra import electra
+
+
+def _maskable(batch=6, length=20, seed=0):
+  rng = np.random.default_rng(seed)
+  valid = rng.integers(3, length + 1, size=batch)
+  maskable = np.zeros((batch, length), bool)
+  for b, v in enumerate(valid):
+    maskable[b, 1:v - 1] = True  # [CLS] at 0 and [SEP] at v-1 are not maskable
+  return maskable
+
+
+def test_mask_counts_are_exact_and_avoid_excluded_positions():
+  maskable = _maskable()
+  rate = 0.25
+  m = electra.max_masked(maskable.shape[1], rate)
+  pos, w = electra.choose_mask_positions(jax.random.key(0), jnp.asarray(maskable), rate, m)
+  pos, w = np.asarray(pos), np.asarray(w)
+  for b in range(maskable.shape[0]):
+    n_valid = maskable[b].sum()
+    expected = min(max(int(np.ceil(rate * n_valid)), 1), n_valid) if n_valid else 0
+    chosen = pos[b][w[b] > 0]
+    assert len(chosen) == expected
+    assert len(set(chosen.tolist())) == expected
+    assert maskable[b, chosen].all(), "masked a [CLS]/[SEP]/padding position"
+  dense = np.asarray(electra.positions_to_dense(jnp.asarray(pos), jnp.asarray(w), maskable.shape[1]))
+  assert (dense.sum(1) == w.sum(1)).all()
+  assert not (dense & ~maskable).any()
+
+
+def test_mask_positions_vary_with_rng_and_example_with_nothing_maskable():
+  maskable = _maskable()
+  maskable[2] = False
+  m = electra.max_masked(maskable.shape[1], 0.15)
+  p1, w1 = electra.choose_mask_positions(jax.random.key(1), jnp.asarray(maskable), 0.15, m)
+  p2, _ = electra.choose_mask_positions(jax.random.key(2), jnp.asarray(maskable), 0.15, m)
+  assert not np.array_equal(np.asarray(p1), np.asarray(p2))
+  assert np.asarray(w1)[2].sum() == 0
+
+
+def test_mask_text_and_regions_write_only_real_slots():
+  ids = jnp.arange(2 * 6).reshape(2, 6) + 10
+  pos = jnp.array([[1, 3], [2, 4]])
+  w = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+  masked = np.asarray(electra.mask_text(ids, pos, w, mask_id=4))
+  expected = np.asarray(ids).copy()
+  expected[0, 1] = 4
+  expected[1, 2] = expected[1, 4] = 4
+  np.testing.assert_array_equal(masked, expected)
+  feats = jnp.ones((2, 6, 3))
+  mf = np.asarray(electra.mask_regions(feats, pos, w))
+  assert mf[0, 1].sum() == 0 and mf[0, 3].sum() == 3
+  assert mf[1, 2].sum() == 0 and mf[1, 4].sum() == 0
+  assert mf.sum() == 3 * (12 - 3)
+
+
+def test_gumbel_argmax_follows_the_distribution_and_zero_temperature_is_argmax():
+  logits = jnp.log(jnp.array([0.7, 0.2, 0.1]))
+  draws = jax.vmap(lambda k: electra.gumbel_argmax(k, logits))(jax.random.split(jax.random.key(0), 20000))
+  freq = np.bincount(np.asarray(draws), minlength=3) / 20000
+  np.testing.assert_allclose(freq, [0.7, 0.2, 0.1], atol=0.02)
+  assert int(electra.gumbel_argmax(jax.random.key(0), jnp.array([0.0, 5.0, 1.0]), 0.0)) == 1
+  # no gradient flows through a sample
+  g = jax.grad(lambda l: electra.gumbel_argmax(jax.random.key(0), l).astype(jnp.float32).sum())(logits)
+  assert np.all(np.asarray(g) == 0)
+
+
+def test_sampled_token_equal_to_original_is_not_replaced():
+  original = jnp.array([[2, 7, 8, 9, 3, 0]])
+  valid = original != 0
+  corrupted = jnp.array([[2, 7, 5, 9, 3, 0]])  # position 1 "sampled" its original token 7
+  labels = np.asarray(electra.replaced_tokens(original, corrupted, valid))
+  np.testing.assert_array_equal(labels, [[0, 0, 1, 0, 0, 0]])
+
+
+def test_replaced_regions_compares_features_and_ignores_padding():
+  orig = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)
+  corr = orig.at[0, 1, 2].add(1.0).at[1, 2].set(0.0)
+  valid = jnp.array([[True, True, True], [True, True, False]])
+  labels = np.asarray(electra.replaced_regions(orig, corr, valid))
+  np.testing.assert_array_equal(labels, [[0, 1, 0], [0, 0, 0]])
+
+
+def test_sample_mode_returns_real_candidate_features_and_keeps_boxes():
+  rng = np.random.default_rng(0)
+  feats = jnp.asarray(rng.normal(size=(3, 5, 4)).astype(np.float32))
+  boxes = jnp.asarray(rng.random((3, 5, 4)).astype(np.float32))
+  region_mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+  pos = jnp.array([[0, 2], [1, 4], [1, 0]])
+  w = jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+  queries = jnp.asarray(rng.normal(size=(3, 2, 4)).astype(np.float32))
+  scores = electra.region_candidate_scores(queries, feats.reshape(-1, 4), region_mask.reshape(-1))
+  idx = electra.gumbel_argmax(jax.random.key(0), scores, 1.0)
+  pool = np.asarray(feats).reshape(-1, 4)
+  valid_pool = np.asarray(region_mask).reshape(-1)
+  assert valid_pool[np.asarray(idx)].all(), "sampled a padding region"
+  replaced = electra.scatter(feats, pos, pool[np.asarray(idx)], w)
+  # every written feature is a real region of the batch
+  for b in range(3):
+    for m in range(2):
+      if w[b, m]:
+        row = np.asarray(replaced)[b, int(pos[b, m])]
+        assert (np.abs(pool[valid_pool] - row).sum(-1) == 0).any()
+  # the unmasked slot of example 1 is untouched; boxes are not an input to replacement
+  np.testing.assert_array_equal(np.asarray(replaced)[1, 4], np.asarray(feats)[1, 4])
+  assert boxes.shape == (3, 5, 4)
+  target = electra.flat_region_index(pos, 5)
+  np.testing.assert_array_equal(np.asarray(target)[1], [6, 9])
+
+
+def test_sample_regions_of_class_picks_that_class_or_reports_none():
+  labels = jnp.array([0, 1, 2, 1, -1, 2])
+  valid = jnp.array([True, True, True, True, False, False])
+  classes = jnp.array([[1, 2, 3]])
+  idx, found = electra.sample_regions_of_class(jax.random.key(0), classes, labels, valid)
+  idx, found = np.asarray(idx), np.asarray(found)
+  assert found.tolist() == [[True, True, False]]
+  assert np.asarray(labels)[idx[0, 0]] == 1 and idx[0, 1] == 2  # label-2 region 5 is padding
+
+
+def test_itm_pairs_negatives_read_another_real_example():
+  example_mask = jnp.array([True] * 7 + [False])
+  src, matched = electra.itm_pairs(jax.random.key(3), 8, 0.5, example_mask)
+  src, matched = np.asarray(src), np.asarray(matched)
+  for i in range(8):
+    if matched[i]:
+      assert src[i] == i
+    else:
+      assert src[i] != i and src[i] < 7
+  big_src, big_matched = electra.itm_pairs(jax.random.key(0), 4000, 0.5)
+  assert abs(np.asarray(big_matched).mean() - 0.5) < 0.03
+  _, none_neg = electra.itm_pairs(jax.random.key(0), 16, 0.0)
+  assert np.asarray(none_neg).all()
+
+
+def test_losses_match_reference_formulas():
+  logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+  labels = jnp.array([0, 2])
+  w = jnp.array([1.0, 0.0])
+  total, weight = electra.cross_entropy(logits, labels, w)
+  ref = -np.log(np.exp(2.0) / np.exp([2.0, 0.5, -1.0]).sum())
+  np.testing.assert_allclose(float(total), ref, rtol=1e-6)
+  assert float(weight) == 1.0
+  z = jnp.array([3.0, -2.0, 0.0])
+  y = jnp.array([1.0, 0.0, 1.0])
+  s, n = electra.sigmoid_cross_entropy(z, y, jnp.ones(3))
+  p = 1 / (1 + np.exp(-np.asarray(z)))
+  np.testing.assert_allclose(float(s), -(np.log(p[0]) + np.log(1 - p[1]) + np.log(p[2])), rtol=1e-6)
+  sl, _ = electra.smooth_l1(jnp.array([[0.0, 3.0]]), jnp.array([[0.5, 0.0]]), jnp.ones(1))
+  np.testing.assert_allclose(float(sl), 0.125 + 2.5)
+
+
+def test_zero_loss_weight_removes_that_losses_gradient():
+  def total(params, weights):
+    losses = {"mlm": params["a"] ** 2, "rtd": 3.0 * params["b"], "itm": params["a"] * params["b"]}
+    return electra.weighted_total(losses, weights)
+
+  params = {"a": jnp.array(2.0), "b": jnp.array(5.0)}
+  on = dict(moc=1, mlm=1, r2d=50, rtd=50, itm=1)
+  off = dict(on, rtd=0, itm=0)
+  g_on = jax.grad(total)(params, on)
+  g_off = jax.grad(total)(params, off)
+  assert float(g_on["b"]) == 150.0 + 2.0
+  assert float(g_off["b"]) == 0.0
+  assert float(g_off["a"]) == 4.0
+
+
+def test_binary_metrics_and_auc():
+  logits = jnp.array([3.0, 2.0, -1.0, 0.5, -2.0, -3.0])
+  labels = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+  sums = electra.binary_metric_sums("rtd", logits, labels, jnp.ones(6))
+  m = electra.finalize_metrics(jax.device_get(sums))
+  assert m["rtd_acc"] == pytest.approx(4 / 6)
+  assert m["rtd_precision"] == pytest.approx(2 / 3)
+  assert m["rtd_recall"] == pytest.approx(2 / 3)
+  # pairs (pos, neg) ranked correctly: 3*3 minus (-1 < 0.5) -> 8/9
+  assert m["rtd_auc"] == pytest.approx(8 / 9, abs=1e-6)
+  # a metric with nothing to count is absent, not zero
+  empty = electra.binary_metric_sums("r2d", logits, labels, jnp.zeros(6))
+  assert electra.finalize_metrics(jax.device_get(empty)) == {}
+
+
+def test_metric_sums_add_across_batches():
+  a = {"x_acc": (jnp.array(3.0), jnp.array(4.0))}
+  b = {"x_acc": (jnp.array(1.0), jnp.array(4.0))}
+  assert electra.finalize_metrics(electra.add_metric_sums(a, b))["x_acc"] == pytest.approx(0.5)

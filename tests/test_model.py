@@ -1,0 +1,90 @@
+"""Model structure: logical axis names, generator/discriminator sharing, deployed subset."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import SPECIAL_IDS, micro_config, random_batch
+from mmelectra import objectives, train
+from mmelectra.model import DEPLOYED_PARAM_PREFIXES, MMElectra, deployed_params, model_config_from
+
+
+def _boxed_params(config):
+  init = lambda r: train._init_state(r, model=MMElectra(model_config_from(config)),
+                                     tx=train.optim.make_optimizer(config)[0], config=config)
+  return jax.eval_shape(init, jax.random.key(0))["params"]
+
+
+def test_every_parameter_has_logical_axis_names():
+  for objective, moc in [("electra", "sample"), ("electra", "classify"), ("mlm", "regress")]:
+    boxed = _boxed_params(micro_config(objective, moc))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves
+    for leaf in leaves:
+      assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+      assert len(leaf.names) == leaf.value.ndim and all(n is not None for n in leaf.names)
+
+
+def test_generator_is_narrower_and_shares_the_embeddings():
+  config = micro_config()
+  params = nn.unbox(_boxed_params(config))
+  hidden = config.model.hidden_size
+  gen_width = params["generator_projection"]["kernel"].shape[1]
+  assert gen_width < hidden
+  assert params["generator"]["l_layer_0"]["ffn"]["intermediate"]["kernel"].shape[0] == gen_width
+  # One word table and one visual projection in the whole tree.
+  paths = ["/".join(str(getattr(p, "key", p)) for p in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  assert sum("word_embeddings" in p for p in paths) == 1
+  assert sum("visn_fc" in p for p in paths) == 2  # kernel + bias
+
+
+def test_generator_reads_the_discriminators_embedding_arrays():
+  config = micro_config()
+  setup = train.build(config, SPECIAL_IDS)
+  state = train.init_state(setup, 0)
+  batch = jax.tree.map(jnp.asarray, random_batch(config))
+
+  def gen_loss(params):
+    # Only the generator's MLM loss: its gradient must reach the shared word table and
+    # visual projection (they are the same arrays the discriminator reads).
+    ocfg = setup.ocfg
+    weights = dict(ocfg.weights, moc=0.0, r2d=0.0, rtd=0.0, itm=0.0)
+    ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
+    return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[0]
+
+  grads = jax.grad(gen_loss)(state["params"])
+  assert float(jnp.abs(grads["embeddings"]["word_embeddings"]["embedding"]).sum()) > 0
+  assert float(jnp.abs(grads["visual_embeddings"]["visn_fc"]["kernel"]).sum()) > 0
+  # ... and not the discriminator's own layers or heads.
+  assert float(jnp.abs(grads["rtd_head"]["logit"]["kernel"]).sum()) == 0
+  assert float(jnp.abs(grads["encoder"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) == 0
+
+
+def test_deployed_model_has_no_generator_or_discriminator_heads():
+  params = nn.unbox(_boxed_params(micro_config()))
+  kept = deployed_params(params)
+  assert set(kept) == set(DEPLOYED_PARAM_PREFIXES)
+  assert not any(k.startswith(("generator", "rtd", "r2d")) for k in kept)
+  # The deployed subset alone runs the encoder.
+  config = micro_config()
+  setup = train.build(config, SPECIAL_IDS)
+  kept = deployed_params(train.init_state(setup, 0)["params"])
+  b = random_batch(config)
+  lang, vis, pooled = setup.model.apply({"params": kept}, b["text_ids"], b["text_mask"], b["region_feats"],
+                                  b["region_boxes"], b["region_mask"], method=MMElectra.encode)
+  assert lang.shape == (8, 12, 32) and vis.shape == (8, 6, 32) and pooled.shape == (8, 32)
+  assert np.isfinite(np.asarray(pooled)).all()
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  config = micro_config(**{"model.dtype": "bfloat16"})
+  setup = train.build(config, SPECIAL_IDS)
+  state = train.init_state(setup, 0)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
+  b = random_batch(config)
+  lang, _, _ = setup.model.apply({"params": state["params"]}, b["text_ids"], b["text_mask"],
+                                 b["region_feats"], b["region_boxes"], b["region_mask"],
+                                 method=MMElectra.encode)
+  assert lang.dtype == jnp.bfloat16
