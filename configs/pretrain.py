@@ -1,0 +1,146 @@
+"""Pretraining config: `--config=configs/pretrain.py:size=tiny,objective=electra,runlocal`.
+
+Argument string (comma separated, all optional):
+  size=tiny|small|base|large   encoder size (base = LXMERT: 768 hidden, 12 heads, 9/5/5)
+  objective=electra|mlm         ELECTRA (generator + RTD/R2D) or the LXMERT-style baseline
+  regions=patches|crops         region features from image patches or object crops
+  moc=sample|regress|classify   masked-object mode
+  runlocal                      shrink steps and data for a quick laptop run
+Every field can be overridden with `--config.key=value`; the dict is locked, so a
+mistyped key is an error naming it.
+"""
+
+import ml_collections
+
+SIZES = {
+    # hidden, heads, mlp, L, R, X
+    "tiny": (128, 4, 512, 2, 2, 2),
+    "small": (256, 4, 1024, 4, 2, 2),
+    "base": (768, 12, 3072, 9, 5, 5),
+    "large": (1024, 16, 4096, 12, 8, 8),
+}
+
+# Logical axis name -> mesh axes (MaxText style). Parameters: "embed" is split over fsdp,
+# "mlp"/"heads"/"vocab" over model. Activations use the "act_*" names and the batch is
+# split over (data, fsdp).
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("regions", None),
+    ("act_embed", None),
+    ("act_mlp", "model"),
+    ("act_heads", "model"),
+    ("act_kv", None),
+    ("embed", "fsdp"),
+    ("hidden", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("qkv", None),
+    ("vocab", "model"),
+    ("position", None),
+    ("token_type", None),
+    ("visual_feat", None),
+    ("box", None),
+    ("classes", None),
+    ("norm", None),
+)
+
+
+def _parse(arg):
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    out[key.strip()] = value.strip() if value else True
+  unknown = set(out) - {"size", "objective", "regions", "moc", "runlocal"}
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; "
+                     "expected size, objective, regions, moc, runlocal")
+  return out
+
+
+def get_config(arg=None):
+  args = _parse(arg)
+  size = args.get("size", "tiny")
+  if size not in SIZES:
+    raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
+  hidden, heads, mlp, l_layers, r_layers, x_layers = SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.objective = args.get("objective", "electra")
+  c.batch_size = 64  # global, over all processes and devices
+  c.total_steps = 20_000
+  c.log_every = 50
+  c.checkpoint_every = 1_000
+  c.eval_every = 0  # 0: evaluate only with `mmelectra evaluate`
+  c.max_checkpoints_to_keep = 3
+  c.grad_accum_steps = 1
+
+  # The method (METHOD.md decisions 4-8).
+  c.text_mask_rate = 0.15
+  c.region_mask_rate = 0.15
+  c.itm_negative_fraction = 0.5
+  c.text_temperature = 1.0
+  c.region_temperature = 1.0
+  c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=50.0, rtd=50.0, itm=1.0))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=5e-4 if size in ("tiny", "small") else 1e-4,
+      warmup_steps=1_000,
+      schedule="linear",  # linear | cosine decay after warmup
+      end_learning_rate_fraction=0.0,
+      b1=0.9, b2=0.999, eps=1e-6,
+      weight_decay=0.01,
+      grad_clip_norm=1.0,
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      hidden_size=hidden, num_heads=heads, mlp_dim=mlp,
+      l_layers=l_layers, r_layers=r_layers, x_layers=x_layers,
+      layer_norm_eps=1e-12, dropout_rate=0.1, attention_dropout_rate=0.1,
+      dtype="float32",  # compute dtype: float32 | bfloat16; parameters stay float32
+      remat=False,
+      generator_width_ratio=0.25,
+      moc_mode=args.get("moc", "sample"),
+      vocab_size=128,  # >= the tokenizer's size; 30522 for a BERT vocabulary
+      max_position=512,
+      type_vocab_size=2,
+      # Derived from `data` by `mmelectra.config_lib.finalize` when left at -1.
+      visual_feat_dim=-1,
+      num_regions=-1,
+      num_object_classes=-1,
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="synthetic_scenes",
+      data_dir="data/tfds",
+      image_size=64,
+      num_train=8000,
+      num_validation=1000,
+      num_test=1000,
+      seed=0,
+      regions=args.get("regions", "patches"),
+      patch_size=16,
+      crop_size=8,
+      max_regions=4,
+      max_text_len=32,
+      vocab_size=128,
+      num_workers=0,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(split="validation", batch_size=100, num_batches=-1))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.logical_axis_rules = LOGICAL_AXIS_RULES
+
+  if args.get("runlocal"):
+    c.total_steps = 200
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.optimizer.warmup_steps = 20
+    c.batch_size = 32
+    c.data.num_train = 2000
+    c.data.num_validation = 200
+    c.data.num_test = 200
+  c.lock()
+  return c

@@ -1,0 +1,73 @@
+"""Run-config helpers: derived fields, and the copy of the config kept in a workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from mmelectra.data import regions
+from mmelectra.data import synthetic_scenes
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills the model fields that follow from the data (those left at -1) and checks them.
+
+  Returns a locked copy; the argument is not changed.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  m, d = config.model, config.data
+  derived = {
+      "visual_feat_dim": regions.feature_dim(d),
+      "num_regions": regions.num_regions(d),
+      "num_object_classes": synthetic_scenes.NUM_CLASSES,
+  }
+  for key, value in derived.items():
+    if m[key] == -1:
+      m[key] = value
+    elif key != "num_object_classes" and m[key] != value:
+      raise ValueError(f"config.model.{key}={m[key]} but config.data gives {value}; "
+                       f"leave model.{key}=-1 to derive it")
+  if d.max_text_len > m.max_position:
+    raise ValueError(f"config.data.max_text_len={d.max_text_len} exceeds "
+                     f"config.model.max_position={m.max_position}")
+  if config.batch_size % config.grad_accum_steps:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                     f"config.grad_accum_steps={config.grad_accum_steps}")
+  config.lock()
+  return config
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> str:
+  path = os.path.join(workdir, "config.json")
+  with open(path, "w") as f:
+    f.write(config.to_json(indent=2))
+  return path
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a mmelectra workdir?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.logical_axis_rules = tuple(
+      (name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in config.logical_axis_rules)
+  config.lock()
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """`{"a.b": value}` overrides; an unknown key is an error naming it."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.lock()
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"unknown config key {dotted!r}")
+    node[leaf] = value
+  return config

@@ -1,0 +1,227 @@
+"""`train_and_evaluate(config, workdir)`: one linear loop, top to bottom.
+
+config -> mesh -> data -> model + sharded state -> one jitted step -> loop (log,
+checkpoint) -> final checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from mmelectra import checkpoint
+from mmelectra import config_lib
+from mmelectra import electra
+from mmelectra import objectives
+from mmelectra import optim
+from mmelectra import sharding
+from mmelectra.data import pipeline
+from mmelectra.data import synthetic_scenes
+from mmelectra.data import tokenizer as tokenizer_lib
+from mmelectra.metric_writer import MetricWriter
+from mmelectra.model import MMElectra, model_config_from
+
+
+def dummy_batch(config, batch_size: int) -> dict:
+  """A zero batch with the pipeline's shapes and dtypes (for init and compile)."""
+  m, d = config.model, config.data
+  return {
+      "text_ids": np.zeros((batch_size, d.max_text_len), np.int32),
+      "text_mask": np.ones((batch_size, d.max_text_len), bool),
+      "region_feats": np.zeros((batch_size, m.num_regions, m.visual_feat_dim), np.float32),
+      "region_boxes": np.zeros((batch_size, m.num_regions, 4), np.float32),
+      "region_mask": np.ones((batch_size, m.num_regions), bool),
+      "region_labels": np.full((batch_size, m.num_regions), -1, np.int32),
+      "image_id": np.zeros((batch_size,), np.int32),
+      "example_mask": np.ones((batch_size,), bool),
+  }
+
+
+@dataclasses.dataclass
+class Setup:
+  """What every entry point (train, evaluate, export) builds from a config."""
+
+  config: object
+  model: MMElectra
+  ocfg: objectives.ObjectiveConfig
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: dict
+  abstract_state: dict
+
+
+def build(config, special_token_ids: dict) -> Setup:
+  """Model, objective, mesh and the (abstract) sharded train state for a finalized config."""
+  model = MMElectra(model_config_from(config))
+  ocfg = objectives.objective_config_from(config, special_token_ids)
+  mesh = sharding.make_mesh(config)
+  rules = sharding.axis_rules(config)
+  dp = sharding.data_parallel_size(mesh)
+  if config.batch_size % (dp * config.grad_accum_steps):
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the data-parallel "
+                     f"size {dp} x grad_accum_steps {config.grad_accum_steps}")
+  tx, schedule = optim.make_optimizer(config)
+  init_fn = functools.partial(_init_state, model=model, tx=tx, config=config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init_fn, jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = checkpoint.abstract_with_shardings(nn.unbox(boxed), shardings)
+  return Setup(config, model, ocfg, mesh, rules, tx, schedule, shardings, abstract)
+
+
+def _init_state(rng, *, model, tx, config):
+  # Two examples are enough to fix every parameter shape.
+  b = dummy_batch(config, 2)
+  t_pos = jnp.zeros((2, electra.max_masked(config.data.max_text_len, config.text_mask_rate)), jnp.int32)
+  r_pos = jnp.zeros((2, electra.max_masked(config.model.num_regions, config.region_mask_rate)), jnp.int32)
+  variables = model.init(rng, b["text_ids"], b["text_mask"], b["region_feats"], b["region_boxes"],
+                         b["region_mask"], t_pos, r_pos, True)
+  params = variables["params"]
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params)}
+
+
+def init_state(setup: Setup, seed: int) -> dict:
+  """Initialises parameters directly into their shards (no full copy on one device)."""
+  init_fn = functools.partial(_init_state, model=setup.model, tx=setup.tx, config=setup.config)
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=setup.state_shardings)(
+        jax.random.key(seed))
+
+
+def make_train_step(setup: Setup):
+  """The one jitted step: generator, sampling, replacement, discriminator, five losses,
+  gradients of every parameter and the optimizer update (with optional micro-batching)."""
+  config, model, ocfg, tx = setup.config, setup.model, setup.ocfg, setup.tx
+  accum = config.grad_accum_steps
+  base_rng = jax.random.key(config.seed)
+
+  def loss_fn(params, batch, rng):
+    return objectives.compute_losses(model, params, batch, rng, ocfg, deterministic=False)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    params = state["params"]
+    if accum == 1:
+      (_, sums), grads = grad_fn(params, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, inputs):
+        i, mb = inputs
+        (_, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        acc_g, acc_s = carry
+        return (jax.tree.map(jnp.add, acc_g, g), electra.add_metric_sums(acc_s, s)), None
+
+      zero_g = jax.tree.map(jnp.zeros_like, params)
+      shapes = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+      zero_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), (jnp.arange(accum), micro))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+    updates, opt = tx.update(grads, state["opt"], params)
+    new_params = optax.apply_updates(params, updates)
+    sums = dict(sums)
+    sums["grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
+    sums["learning_rate"] = (setup.schedule(state["step"]), jnp.ones((), jnp.float32))
+    return {"step": state["step"] + 1, "params": new_params, "opt": opt}, sums
+
+  batch_sh = sharding.batch_sharding(setup.mesh)
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
+                 out_shardings=(setup.state_shardings, None), donate_argnums=0)
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """Process-local numpy batch -> global jax arrays sharded over (data, fsdp)."""
+  sh = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def prepare_data_and_config(config):
+  """Builds the dataset if missing, derives model fields, returns (config, special ids)."""
+  synthetic_scenes.prepare(config.data)
+  config = config_lib.finalize(config)
+  tok = pipeline.load_tokenizer(config.data)
+  if tok.get_vocab_size() > config.model.vocab_size:
+    raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but config.model.vocab_size="
+                     f"{config.model.vocab_size}; raise model.vocab_size")
+  return config, tokenizer_lib.special_token_ids(tok)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config.total_steps` steps in `workdir`; resumes from its latest checkpoint.
+
+  Returns the last logged metrics.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  config, special_ids = prepare_data_and_config(config)
+  if jax.process_index() == 0:
+    config_lib.save(config, workdir)
+  setup = build(config, special_ids)
+  mesh = setup.mesh
+
+  manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep)
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s step %d", checkpoint.checkpoint_dir(workdir), latest)
+    state = checkpoint.restore(manager, latest, setup.abstract_state)
+  else:
+    state = init_state(setup, config.seed)
+  start_step = int(jax.device_get(state["step"]))
+
+  train_step = make_train_step(setup)
+  local_batch = config.batch_size // jax.process_count()
+  data_iter = pipeline.make_iterator(
+      config.data, "train", batch_size=local_batch, seed=config.seed, shuffle=True,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  # Until the data iterator's state is checkpointed (see the checkpoint issue), a resumed
+  # run skips the batches already consumed so it sees the same order.
+  for _ in range(start_step):
+    next(data_iter)
+
+  writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=start_step)
+  window, last = [], {}
+  t_window, n_window = None, 0
+  step = start_step
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    while step < config.total_steps:
+      batch = to_global(next(data_iter), mesh)
+      state, sums = train_step(state, batch)
+      step += 1
+      window.append(sums)
+      if t_window is None:
+        # The first step includes compilation: time throughput from its end.
+        jax.block_until_ready(state["step"])
+        t_window, n_window, window = time.perf_counter(), 0, [sums]
+      else:
+        n_window += 1
+      if step % config.log_every == 0 or step == config.total_steps:
+        host = jax.device_get(window)
+        total = None
+        for s in host:
+          total = electra.add_metric_sums(total, s)
+        metrics = electra.finalize_metrics(total)
+        elapsed = time.perf_counter() - t_window
+        if n_window > 0:
+          metrics["examples_per_sec"] = n_window * config.batch_size / elapsed
+        writer.write(step, metrics)
+        last = metrics
+        window, t_window, n_window = [], time.perf_counter(), 0
+      writer.advance(step, last)
+      if step % config.checkpoint_every == 0 or step == config.total_steps:
+        checkpoint.save(manager, step, state)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return last
