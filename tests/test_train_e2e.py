@@ -19,7 +19,7 @@ def data_dir(tmp_path_factory):
 def _config(data_dir, objective, steps, **overrides):
   c = ml_collections.ConfigDict(pretrain.get_config(f"size=tiny,objective={objective}").to_dict())
   c.model.update(l_layers=1, r_layers=1, x_layers=1, dropout_rate=0.0, attention_dropout_rate=0.0)
-  c.data.update(data_dir=data_dir, num_train=512, num_validation=64, num_test=64)
+  c.data.update(data_dir=data_dir, num_train=512, num_validation=64, num_test=64, regions="crops")
   c.update(batch_size=32, total_steps=steps, log_every=10, checkpoint_every=steps)
   c.optimizer.update(warmup_steps=5, learning_rate=1e-3)
   c.eval.batch_size = 32
@@ -45,9 +45,11 @@ def test_electra_losses_fall_and_evaluate_writes_json(data_dir, tmp_path):
               "examples_per_sec"):
     assert key in last, key
   # A real learning signal, not only "finite": the generator's losses fall clearly.
+  # (Region prediction and ITM need cross-modal binding, which takes far more steps.)
   assert last["mlm_loss"] < 0.7 * first["mlm_loss"], (first["mlm_loss"], last["mlm_loss"])
-  assert last["moc_loss"] < 0.9 * first["moc_loss"], (first["moc_loss"], last["moc_loss"])
-  assert last["loss"] < 0.8 * first["loss"], (first["loss"], last["loss"])
+  assert last["rtd_loss"] < 0.9 * first["rtd_loss"], (first["rtd_loss"], last["rtd_loss"])
+  assert last["loss"] < 0.9 * first["loss"], (first["loss"], last["loss"])
+  assert 0 < last["text_replaced_frac"] <= 1 and 0 < last["region_replaced_frac"] <= 1
   step, metrics = evaluate.evaluate_workdir(workdir)
   assert step == 60
   with open(os.path.join(workdir, "eval", "step_60.json")) as f:
@@ -64,4 +66,4 @@ def test_mlm_objective_trains(data_dir, tmp_path):
   first, last = rows[0], rows[-1]
   assert "rtd_loss" not in last and "r2d_auc" not in last  # absent, not zero
   assert last["mlm_loss"] < 0.7 * first["mlm_loss"], (first["mlm_loss"], last["mlm_loss"])
-  assert last["loss"] < 0.8 * first["loss"]
+  assert last["loss"] < 0.9 * first["loss"], (first["loss"], last["loss"])
