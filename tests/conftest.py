@@ -61,6 +61,15 @@ def random_batch(config, batch_size=None, seed=0):
   }
 
 
+def tiny_data_cfg(data_dir, **overrides):
+  """A synthetic-scenes data config of a few dozen 32 px scenes, built in seconds."""
+  cfg = dict(name="synthetic_scenes", data_dir=str(data_dir), image_size=32, num_train=30,
+             num_validation=6, num_test=5, seed=3, regions="patches", patch_size=8, crop_size=4,
+             max_regions=4, max_text_len=32, vocab_size=128, num_workers=0)
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
 @pytest.fixture
 def micro():
   return micro_config

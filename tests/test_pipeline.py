@@ -3,7 +3,7 @@
 import itertools
 import sys
 
-import ml_collections
+import conftest
 import numpy as np
 import pytest
 
@@ -16,11 +16,7 @@ NUM_TRAIN = 37  # odd, so shards and batches have remainders
 
 
 def tiny_data_cfg(data_dir, **overrides):
-  cfg = dict(name="synthetic_scenes", data_dir=str(data_dir), image_size=32, num_train=NUM_TRAIN,
-             num_validation=8, num_test=4, seed=5, regions="patches", patch_size=8, crop_size=4,
-             max_regions=4, max_text_len=32, vocab_size=128, num_workers=0)
-  cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
+  return conftest.tiny_data_cfg(data_dir, **{**dict(num_train=NUM_TRAIN, num_validation=8, num_test=4, seed=5), **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import os
 import re
 
-import ml_collections
+import conftest
 import numpy as np
 import pytest
 
@@ -13,12 +13,7 @@ from mmelectra.data import tokenizer as tokenizer_lib
 RELATION = re.compile(r"the (\w+) (\w+) (?:is|lies) (left of|right of|above|below) the (\w+) (\w+)\.")
 
 
-def tiny_data_cfg(data_dir, **overrides):
-  cfg = dict(name="synthetic_scenes", data_dir=str(data_dir), image_size=32, num_train=30,
-             num_validation=6, num_test=5, seed=3, regions="patches", patch_size=8, crop_size=4,
-             max_regions=4, max_text_len=32, vocab_size=128, num_workers=0)
-  cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
+tiny_data_cfg = conftest.tiny_data_cfg
 
 
 @pytest.fixture(scope="module")
