@@ -33,6 +33,10 @@ def main(argv):
   if len(argv) > 2:
     _usage(f"unexpected arguments {argv[2:]!r}")
   command = argv[1]
+  if not flags.FLAGS["verbosity"].present:
+    # orbax and TFDS log every save and read at INFO; keep the console to the progress
+    # bar and results unless --verbosity asks for more.
+    logging.set_verbosity(logging.WARNING)
   if not _WORKDIR.value:
     _usage("--workdir is required")
   jax.config.update("jax_threefry_partitionable", True)
