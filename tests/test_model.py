@@ -88,3 +88,18 @@ def test_bfloat16_compute_keeps_float32_parameters():
                                  b["region_feats"], b["region_boxes"], b["region_mask"],
                                  method=MMElectra.encode)
   assert lang.dtype == jnp.bfloat16
+
+
+def test_gradient_at_init_is_well_conditioned_with_masked_regions():
+  # Masked and padded regions are all-zero features; with a zero visn_fc bias their
+  # LayerNorm(eps=1e-12) input is constant and the bias gradient was ~1e4, which global
+  # clipping turned into no learning for every other parameter.
+  config = micro_config()
+  setup = train.build(config, SPECIAL_IDS)
+  state = train.init_state(setup, 0)
+  batch = jax.tree.map(jnp.asarray, random_batch(config))
+  grads = jax.grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
+                                                       setup.ocfg, True)[0])(state["params"])
+  norms = {jax.tree_util.keystr(k): float(jnp.linalg.norm(v))
+           for k, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  assert max(norms.values()) < 100, max(norms.items(), key=lambda kv: kv[1])
