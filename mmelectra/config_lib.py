@@ -56,18 +56,3 @@ def load(workdir: str) -> ml_collections.ConfigDict:
       (name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in config.logical_axis_rules)
   config.lock()
   return config
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """`{"a.b": value}` overrides; an unknown key is an error naming it."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.lock()
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"unknown config key {dotted!r}")
-    node[leaf] = value
-  return config

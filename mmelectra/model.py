@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmelectra.electra import gather
+
 Array = jax.Array
 DType = Any
 
@@ -357,7 +359,7 @@ class ModelConfig:
   moc_mode: str  # sample | regress | classify
   num_object_classes: int
 
-  def moc_out_dim(self, width: int) -> int:
+  def moc_out_dim(self) -> int:
     return {"sample": self.encoder.hidden_size, "regress": self.visual_feat_dim,
             "classify": self.num_object_classes}[self.moc_mode]
 
@@ -413,7 +415,7 @@ class MMElectra(nn.Module):
     if cfg.generator is None:
       # Objective "mlm": the encoder itself predicts masked words and regions.
       self.mlm_head = TiedMLMHead(enc, enc.hidden_size, cfg.vocab_size)
-      self.moc_head = MOCHead(enc, cfg.moc_mode, cfg.moc_out_dim(enc.hidden_size))
+      self.moc_head = MOCHead(enc, cfg.moc_mode, cfg.moc_out_dim())
     else:
       gen = cfg.generator
       self.rtd_head = BinaryHead(enc)
@@ -422,7 +424,7 @@ class MMElectra(nn.Module):
                                          "generator_projection")
       self.generator = Encoder(gen)
       self.generator_mlm_head = TiedMLMHead(gen, enc.hidden_size, cfg.vocab_size)
-      self.generator_moc_head = MOCHead(gen, cfg.moc_mode, cfg.moc_out_dim(gen.hidden_size))
+      self.generator_moc_head = MOCHead(gen, cfg.moc_mode, cfg.moc_out_dim())
 
   # --- shared pieces -------------------------------------------------------------------
   def _embed(self, text_ids, region_feats, region_boxes, deterministic):
@@ -455,8 +457,7 @@ class MMElectra(nn.Module):
     lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic)
     lang, vis = self.generator_projection(lang), self.generator_projection(vis)
     lang, vis = self.generator(lang, text_mask, vis, region_mask, deterministic)
-    lang_m = jnp.take_along_axis(lang, text_positions[..., None], axis=1)
-    vis_m = jnp.take_along_axis(vis, region_positions[..., None], axis=1)
+    lang_m, vis_m = gather(lang, text_positions), gather(vis, region_positions)
     return self.generator_mlm_head(lang_m, self.embeddings), self.generator_moc_head(vis_m)
 
   def discriminate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
@@ -472,8 +473,7 @@ class MMElectra(nn.Module):
     """Objective "mlm": MLM logits, MOC output at masked positions and ITM logits."""
     lang, vis, pooled = self.encode(text_ids, text_mask, region_feats, region_boxes,
                                     region_mask, deterministic)
-    lang_m = jnp.take_along_axis(lang, text_positions[..., None], axis=1)
-    vis_m = jnp.take_along_axis(vis, region_positions[..., None], axis=1)
+    lang_m, vis_m = gather(lang, text_positions), gather(vis, region_positions)
     return self.mlm_head(lang_m, self.embeddings), self.moc_head(vis_m), self.itm_logits(pooled)
 
   def __call__(self, text_ids, text_mask, region_feats, region_boxes, region_mask,

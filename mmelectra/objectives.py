@@ -115,12 +115,12 @@ def _mlm_terms(mlm_logits, x: _Inputs, loss_weight: Array):
   target = electra.gather(x.text_ids, x.text_positions)
   mlm = electra.cross_entropy(mlm_logits, target, loss_weight)
   acc = electra.accuracy_sums(jnp.argmax(mlm_logits, -1), target, loss_weight)
-  return target, mlm, acc
+  return mlm, acc
 
 
 def _moc_terms(model: MMElectra, params, moc_out, x: _Inputs, loss_weight: Array,
                ocfg: ObjectiveConfig):
-  """L1 and moc_acc; also what replacement sampling needs (mode dependent)."""
+  """L1, moc_acc (None for regress) and the logits replacement sampling reads."""
   num_regions = x.feats.shape[1]
   if ocfg.moc_mode == "sample":
     pool_feats = x.feats.reshape(-1, x.feats.shape[-1])
@@ -129,17 +129,17 @@ def _moc_terms(model: MMElectra, params, moc_out, x: _Inputs, loss_weight: Array
     target = electra.flat_region_index(x.region_positions, num_regions)
     moc = electra.cross_entropy(scores, target, loss_weight)
     acc = electra.accuracy_sums(jnp.argmax(scores, -1), target, loss_weight)
-    return moc, acc, scores, loss_weight
+    return moc, acc, scores
   if ocfg.moc_mode == "regress":
     target = electra.gather(x.feats, x.region_positions)
-    return electra.smooth_l1(moc_out, target, loss_weight), None, None, loss_weight
+    return electra.smooth_l1(moc_out, target, loss_weight), None, None
   # classify: only regions with a label count.
   labels = electra.gather(x.region_labels, x.region_positions)
   labelled = loss_weight * (labels >= 0)
   safe_labels = jnp.maximum(labels, 0)
   moc = electra.cross_entropy(moc_out, safe_labels, labelled)
   acc = electra.accuracy_sums(jnp.argmax(moc_out, -1), safe_labels, labelled)
-  return moc, acc, moc_out, labelled
+  return moc, acc, moc_out
 
 
 def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveConfig) -> Array:
@@ -172,8 +172,8 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
       {"params": params}, x.masked_ids, x.text_mask, x.masked_feats, x.boxes, x.region_mask,
       x.text_positions, x.region_positions, deterministic,
       method=MMElectra.generate, rngs={"dropout": rng_gen})
-  _, mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
-  moc, moc_acc, moc_scores, _ = _moc_terms(model, params, moc_out, x, region_loss_w, ocfg)
+  mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
+  moc, moc_acc, moc_scores = _moc_terms(model, params, moc_out, x, region_loss_w, ocfg)
 
   # Write the generator's predictions back (gradient stopped through token samples).
   sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
@@ -225,8 +225,8 @@ def mlm_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
       {"params": params}, x.masked_ids, x.text_mask, x.masked_feats, x.boxes, x.region_mask,
       x.text_positions, x.region_positions, deterministic,
       method=MMElectra.predict_masked, rngs={"dropout": rng_model})
-  _, mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
-  moc, moc_acc, _, _ = _moc_terms(model, params, moc_out, x, region_loss_w, ocfg)
+  mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
+  moc, moc_acc, _ = _moc_terms(model, params, moc_out, x, region_loss_w, ocfg)
   itm_labels = x.matched.astype(jnp.int32)
   itm = electra.cross_entropy(itm_logits, itm_labels, x.example)
   losses = {"moc": moc, "mlm": mlm, "itm": itm}

@@ -133,7 +133,7 @@ def make_train_step(setup: Setup):
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
     sums = dict(sums)
-    sums["grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
+    sums["grad_norm"] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
     sums["learning_rate"] = (setup.schedule(state["step"]), jnp.ones((), jnp.float32))
     return {"step": state["step"] + 1, "params": new_params, "opt": opt}, sums
 
