@@ -18,6 +18,7 @@ from mmelectra import checkpoint
 from mmelectra import config_lib
 from mmelectra import electra
 from mmelectra import objectives
+from mmelectra import sharding
 from mmelectra import train
 from mmelectra.data import pipeline
 
@@ -25,7 +26,7 @@ from mmelectra.data import pipeline
 def evaluate_params(setup: train.Setup, params, split: str, num_batches: int = -1) -> dict:
   config = setup.config
   batch_size = config.eval.batch_size
-  if batch_size % (jax.process_count() * train.sharding.data_parallel_size(setup.mesh)):
+  if batch_size % (jax.process_count() * sharding.data_parallel_size(setup.mesh)):
     raise ValueError(f"config.eval.batch_size={batch_size} must be divisible by the data-parallel size")
 
   @jax.jit

@@ -203,7 +203,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if t_window is None:
         # The first step includes compilation: time throughput from its end.
         jax.block_until_ready(state["step"])
-        t_window, n_window, window = time.perf_counter(), 0, [sums]
+        t_window, n_window = time.perf_counter(), 0
       else:
         n_window += 1
       if step % config.log_every == 0 or step == config.total_steps:
