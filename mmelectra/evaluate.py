@@ -53,8 +53,12 @@ def evaluate_params(setup: train.Setup, params, split: str, num_batches: int = -
   return metrics
 
 
-def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = None) -> tuple[int, dict]:
-  """Evaluates a checkpoint of `workdir` (latest by default) and writes `eval/step_<N>.json`."""
+def restore_workdir(workdir: str, step: int | None = None) -> tuple[train.Setup, int, dict]:
+  """(setup, step, train state) of a checkpoint of `workdir` (latest by default).
+
+  Builds the workdir's data set if missing (the config needs it); shared by every command
+  that reads a trained run (evaluate, export).
+  """
   config, special_ids = train.prepare_data_and_config(config_lib.load(workdir))
   setup = train.build(config, special_ids)
   manager = checkpoint.make_manager(workdir, max_to_keep=None)
@@ -66,6 +70,13 @@ def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = 
                             f"available: {sorted(manager.all_steps())}")
   state = checkpoint.restore(manager, step, setup.abstract_state)
   manager.close()
+  return setup, step, state
+
+
+def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = None) -> tuple[int, dict]:
+  """Evaluates a checkpoint of `workdir` (latest by default) and writes `eval/step_<N>.json`."""
+  setup, step, state = restore_workdir(workdir, step)
+  config = setup.config
   split = split or config.eval.split
   metrics = evaluate_params(setup, state["params"], split, config.eval.num_batches)
   metrics = {"step": step, "split": split, **metrics}
