@@ -1,31 +1,284 @@
-"""Orbax checkpoints of the train state under `WORKDIR/checkpoints/<step>`."""
+"""Orbax checkpoints of a run under `WORKDIR/checkpoints/<step>/`.
+
+Each step directory holds three items, each readable by a plain orbax client:
+
+  state/   the train state pytree {"step", "params", "opt"} (StandardSave; arrays are
+           written per shard, and restore reshards onto any mesh)
+  data/    the grain input iterator's state, one `process_<i>-of-<n>.json` per process,
+           so a resumed run reads exactly the batches an uninterrupted one would
+  config/  the run's config as JSON
+
+Saves are asynchronous: `save` blocks only while arrays are copied to host memory; the
+files are written in the background into a temporary directory that is renamed when
+complete, so a run killed mid-save leaves no half checkpoint that a restart could pick.
+
+`load_pretrained_params` is the `init_from` path: another run's parameters (only) into a
+new model, by name, with a report of what was loaded, newly initialised and dropped.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any, Callable
 
+import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+STATE, DATA, CONFIG = "state", "data", "config"
 
 
+# --- the run's CheckpointManager --------------------------------------------------------
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+def make_manager(workdir: str, max_to_keep: int | None = 3, keep_every: int | None = None,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """The manager of `WORKDIR/checkpoints`: keeps the last `max_to_keep` checkpoints (None:
+  all) and, when `keep_every` is set, every step divisible by it forever."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, keep_period=keep_every or None, create=True,
+      enable_async_checkpointing=async_save,
+      # A run killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`: never listed as a
+      # step, and removed when the next run opens the manager.
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers={
+      STATE: ocp.StandardCheckpointHandler(),
+      DATA: grain.checkpoint.CheckpointHandler(),
+      CONFIG: ocp.JsonCheckpointHandler(),
+  })
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:
-  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False, *,
+         data_iter=None, config=None) -> bool:
+  """Starts an (async) save of the state, and of the iterator's state and config if given.
+
+  Returns when the arrays are on host: the caller may then donate or overwrite `state`.
+  The iterator's position is read now, so call this between steps.
+  """
+  items = {STATE: ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+  if config is not None:
+    items[CONFIG] = ocp.args.JsonSave(config.to_dict() if hasattr(config, "to_dict") else config)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
-  """Restores into arrays with the shardings of `abstract_state` (ShapeDtypeStructs)."""
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  """Restores the state into arrays with the shardings of `abstract_state`
+  (ShapeDtypeStructs; the mesh may differ from the one that saved it)."""
+  check_state_shapes(manager, step, abstract_state)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{STATE: ocp.args.StandardRestore(abstract_state)}))
+  return restored[STATE]
+
+
+def restore_data_iterator(manager: ocp.CheckpointManager, step: int, data_iter) -> bool:
+  """Sets `data_iter` to where it was at `step`; False (and a warning) if the checkpoint
+  has no iterator state for this process (saved by another process count, or without)."""
+  path = epath.Path(manager.directory) / str(step) / DATA
+  index, count = jax.process_index(), jax.process_count()
+  if not (path / f"process_{index}-of-{count}.json").exists():
+    logging.warning("checkpoint %s has no input-iterator state for process %d of %d; the data "
+                    "order starts afresh (it is not the order an uninterrupted run would see)",
+                    path.parent, index, count)
+    return False
+  manager.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_iter)}))
+  return True
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The config saved with `step` as a dict, or None if it was saved without one."""
+  if not (epath.Path(manager.directory) / str(step) / CONFIG).exists():
+    return None
+  return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
 
 def abstract_with_shardings(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# --- names and shapes -------------------------------------------------------------------
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def flatten_names(tree) -> dict[str, Any]:
+  """{"encoder/layer_0/query/kernel": leaf, ...} in tree order."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+  return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat if leaf is not None}
+
+
+def _unflatten_names(flat: dict[str, Any]) -> dict:
+  out: dict = {}
+  for name, leaf in flat.items():
+    node = out
+    *parents, last = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = leaf
+  return out
+
+
+def _metadata_tree(pytree_dir: epath.Path):
+  return ocp.PyTreeCheckpointHandler().metadata(pytree_dir).tree
+
+
+def check_state_shapes(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
+  """Raises ValueError naming the first parameter (or state entry) whose saved shape
+  differs from the config's, with both shapes, or that only one side has. Reads only
+  metadata, so it runs before anything is restored or compiled."""
+  path = epath.Path(manager.directory) / str(step) / STATE
+  saved = flatten_names(_metadata_tree(path))
+  wanted = flatten_names(abstract_state)
+  # Parameters first: their names are what a user recognises.
+  order = sorted(wanted, key=lambda n: (not n.startswith("params/"), list(wanted).index(n)))
+  for name in order:
+    if name not in saved:
+      raise ValueError(f"checkpoint {path.parent} does not match the config: it has no "
+                       f"'{name}' (config shape {tuple(wanted[name].shape)}). Use another "
+                       "workdir, or --config.init_from to start from its parameters")
+    if tuple(saved[name].shape) != tuple(wanted[name].shape):
+      raise ValueError(f"checkpoint {path.parent} does not match the config: '{name}' has "
+                       f"shape {tuple(saved[name].shape)} in the checkpoint but "
+                       f"{tuple(wanted[name].shape)} in the config. Use another workdir, or the "
+                       "config that wrote it")
+  extra = [n for n in saved if n not in wanted]
+  if extra:
+    raise ValueError(f"checkpoint {path.parent} does not match the config: it has '{extra[0]}' "
+                     f"(shape {tuple(saved[extra[0]].shape)}) that the config's model lacks"
+                     + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
+
+
+# --- init_from: another run's parameters ------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class InitReport:
+  """What `load_pretrained_params` did, by '/'-joined parameter name (target names)."""
+
+  source: str  # the state directory the parameters came from
+  loaded: tuple[str, ...]  # taken from the checkpoint
+  new: tuple[str, ...]  # absent from the checkpoint: kept as initialised
+  mismatched: tuple[tuple[str, tuple, tuple], ...]  # (name, saved shape, target shape): kept as initialised
+  dropped: tuple[str, ...]  # checkpoint names (after rename) that the target lacks
+
+  @property
+  def newly_initialised(self) -> tuple[str, ...]:
+    return self.new + tuple(name for name, _, _ in self.mismatched)
+
+  def to_dict(self) -> dict:
+    return {"source": self.source, "loaded": list(self.loaded), "new": list(self.new),
+            "mismatched": [[n, list(a), list(b)] for n, a, b in self.mismatched],
+            "dropped": list(self.dropped)}
+
+  def summary(self) -> str:
+    lines = [f"init_from {self.source}: {len(self.loaded)} parameters loaded, "
+             f"{len(self.newly_initialised)} newly initialised, {len(self.dropped)} dropped"]
+    for title, names in (("loaded", self.loaded), ("newly initialised (absent)", self.new),
+                         ("newly initialised (shape differs)",
+                          [f"{n} {a} -> {b}" for n, a, b in self.mismatched]),
+                         ("dropped", self.dropped)):
+      if names:
+        lines.append(f"  {title}:")
+        lines.extend(f"    {n}" for n in names)
+    return "\n".join(lines)
+
+
+def resolve_state_dir(path: str) -> epath.Path:
+  """The `state` item directory for `path`: a run's workdir or its `checkpoints/` dir
+  (latest complete checkpoint), a step directory `.../checkpoints/<step>`, or a state
+  directory itself."""
+  p = epath.Path(os.path.abspath(os.fspath(path)))
+  if not p.exists():
+    raise FileNotFoundError(f"init_from: {p} does not exist")
+  if (p / "checkpoints").is_dir():
+    p = p / "checkpoints"
+  if (p / STATE).is_dir():
+    return p / STATE
+  if (p / "_METADATA").exists() or (p / "_sharding").exists():
+    return p
+  steps = ocp.path.step.checkpoint_steps(p)  # complete (committed) steps only
+  if not steps:
+    raise FileNotFoundError(f"init_from: no complete checkpoint in {p}")
+  return p / str(max(steps)) / STATE
+
+
+def load_pretrained_params(init_from: str, target_params, *,
+                           rename: Callable[[str], str | None] | None = None,
+                           allow_shape_mismatch: bool = False):
+  """Fills `target_params` with the parameters of another run, matched by name.
+
+  Args:
+    init_from: a workdir (its latest complete checkpoint), a `checkpoints/` directory, a
+      step directory `.../checkpoints/<step>`, or its `state` directory.
+    target_params: the new model's initialised parameters (arrays; each loaded parameter
+      takes the sharding and dtype of the array it replaces).
+    rename: maps a checkpoint parameter name (e.g. "encoder/lang_0/attention/query/kernel",
+      without the "params/" prefix) to the target's name, or None to drop it.
+    allow_shape_mismatch: if False (default) a parameter present on both sides with
+      different shapes is an error naming it; if True it keeps its new initialisation and
+      is listed in `report.mismatched`.
+
+  Returns:
+    (params, report): params has the structure of `target_params`; report is an InitReport.
+    Only parameters are read: no optimizer state, step or data position.
+  """
+  state_dir = resolve_state_dir(init_from)
+  saved_tree = _metadata_tree(state_dir)
+  if "params" not in saved_tree:
+    raise ValueError(f"init_from: {state_dir} holds no 'params' (keys: {sorted(saved_tree)})")
+  saved = flatten_names(saved_tree["params"])
+  target = flatten_names(target_params)
+
+  source_of: dict[str, str] = {}  # target name -> checkpoint name
+  dropped = []
+  for name in saved:
+    new_name = rename(name) if rename is not None else name
+    if new_name is None or new_name not in target:
+      dropped.append(name if new_name in (None, name) else f"{name} (as {new_name})")
+    elif new_name in source_of:
+      raise ValueError(f"init_from: rename maps both {source_of[new_name]!r} and {name!r} to {new_name!r}")
+    else:
+      source_of[new_name] = name
+  loaded, new, mismatched = [], [], []
+  for name, leaf in target.items():
+    if name not in source_of:
+      new.append(name)
+      continue
+    saved_shape, shape = tuple(saved[source_of[name]].shape), tuple(np.shape(leaf))
+    if saved_shape != shape:
+      if not allow_shape_mismatch:
+        raise ValueError(f"init_from {state_dir}: parameter '{name}' has shape {saved_shape} in the "
+                         f"checkpoint but {shape} in the model (allow_shape_mismatch=True keeps "
+                         "such parameters newly initialised)")
+      mismatched.append((name, saved_shape, shape))
+    else:
+      loaded.append(name)
+
+  values = dict(target)
+  if loaded:
+    def abstract(leaf):
+      sharding = getattr(leaf, "sharding", None)
+      if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
+
+    item = {"params": _unflatten_names({source_of[n]: abstract(target[n]) for n in loaded})}
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    restored = flatten_names(restored["params"])
+    for n in loaded:
+      values[n] = restored[source_of[n]]
+  leaves = [values[n] for n in target]
+  treedef = jax.tree.structure(target_params)
+  report = InitReport(str(state_dir), tuple(loaded), tuple(new), tuple(mismatched), tuple(dropped))
+  logging.info("%s", report.summary())
+  return jax.tree.unflatten(treedef, leaves), report

@@ -1,0 +1,109 @@
+"""Checkpoint items, shape checks and init_from (in process, one CPU device)."""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import SPECIAL_IDS, micro_config
+from mmelectra import checkpoint, train
+
+
+def _state(objective="electra", seed=0, **overrides):
+  """The real state structure and shardings, filled with random numbers (no compile)."""
+  setup = train.build(micro_config(objective=objective, **overrides), SPECIAL_IDS)
+  rng = np.random.default_rng(seed)
+
+  def fill(a):
+    value = rng.normal(size=a.shape) if np.issubdtype(a.dtype, np.floating) else np.full(a.shape, seed)
+    return jax.device_put(value.astype(a.dtype), a.sharding)
+
+  return setup, jax.tree.map(fill, setup.abstract_state)
+
+
+def _save(workdir, step, state, config=None):
+  manager = checkpoint.make_manager(str(workdir))
+  checkpoint.save(manager, step, state, config=config)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_init_from_electra_into_mlm_lists_loaded_new_and_dropped(tmp_path):
+  src_setup, src = _state("electra", seed=0)
+  _save(tmp_path / "src", 7, src, src_setup.config)
+  _, dst = _state("mlm", seed=1)
+  params, report = checkpoint.load_pretrained_params(str(tmp_path / "src"), dst["params"])
+
+  assert report.source.endswith(os.path.join("checkpoints", "7", "state"))
+  src_names = checkpoint.flatten_names(src["params"])
+  dst_names = checkpoint.flatten_names(dst["params"])
+  got = checkpoint.flatten_names(params)
+  assert set(report.loaded) == set(src_names) & set(dst_names)
+  assert any(n.startswith("encoder/x_layer_0/") for n in report.loaded)
+  assert set(report.new) == set(dst_names) - set(src_names)
+  assert any(n.startswith("mlm_head/") for n in report.new)
+  assert set(report.dropped) == set(src_names) - set(dst_names)
+  assert any(n.startswith("generator/") for n in report.dropped)
+  assert "rtd_head/logit/kernel" in report.dropped
+  for n in report.loaded:
+    np.testing.assert_array_equal(got[n], src_names[n])
+    assert got[n].sharding == dst_names[n].sharding
+  for n in report.new:
+    np.testing.assert_array_equal(got[n], dst_names[n])
+  assert jax.tree.structure(params) == jax.tree.structure(dst["params"])
+  text = report.summary()
+  assert "newly initialised" in text and "dropped" in text and report.new[0] in text
+
+
+def test_init_from_step_dir_rename_and_shape_mismatch(tmp_path):
+  _, src = _state("mlm", seed=0)
+  _save(tmp_path / "src", 3, src)
+  _save(tmp_path / "src", 5, jax.tree.map(lambda x: x + 1, src))
+  _, dst = _state("mlm", seed=1, **{"model.vocab_size": 48})
+  step3 = str(tmp_path / "src" / "checkpoints" / "3")
+  with pytest.raises(ValueError, match=r"word_embeddings/embedding' has shape \(40, 32\) in the "
+                     r"checkpoint but \(48, 32\)"):
+    checkpoint.load_pretrained_params(step3, dst["params"])
+  params, report = checkpoint.load_pretrained_params(
+      step3, dst["params"], allow_shape_mismatch=True,
+      rename=lambda n: None if n.startswith("itm_head/") else n)
+  mismatched = {n for n, _, _ in report.mismatched}
+  assert "embeddings/word_embeddings/embedding" in mismatched
+  assert {"itm_head/kernel", "itm_head/bias"} <= set(report.dropped)
+  assert {"itm_head/kernel", "itm_head/bias"} <= set(report.new)
+  got, want = checkpoint.flatten_names(params), checkpoint.flatten_names(src["params"])
+  np.testing.assert_array_equal(got["pooler/dense/kernel"], want["pooler/dense/kernel"])  # step 3, not 5
+  np.testing.assert_array_equal(got["embeddings/word_embeddings/embedding"],
+                                checkpoint.flatten_names(dst["params"])["embeddings/word_embeddings/embedding"])
+
+
+def test_checkpoint_with_other_shapes_is_named_before_restore(tmp_path):
+  _, state = _state("mlm")
+  _save(tmp_path, 4, state)
+  setup, _ = _state("mlm", **{"model.mlp_dim": 48})
+  manager = checkpoint.make_manager(str(tmp_path))
+  with pytest.raises(ValueError, match=r"'params/encoder/l_layer_0/ffn/intermediate/bias' has shape \(64,\) in the "
+                     r"checkpoint but \(48,\) in the config"):
+    checkpoint.restore(manager, 4, setup.abstract_state)
+  manager.close()
+
+
+def test_plain_orbax_lists_and_restores_the_items(tmp_path):
+  setup, state = _state("mlm")
+  _save(tmp_path, 2, state, setup.config)
+  # No mmelectra code from here on: what a user with only orbax would write.
+  manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"))
+  assert manager.all_steps() == [2]
+  restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                        config=ocp.args.JsonRestore()))
+  manager.close()
+  assert _leaves_equal(restored["state"]["params"], state["params"])
+  assert int(restored["state"]["step"]) == int(state["step"])
+  assert restored["config"]["model"]["hidden_size"] == 32
