@@ -128,7 +128,11 @@ def get_config(arg=None):
       num_workers=0,
   ))
 
-  c.eval = ml_collections.ConfigDict(dict(split="validation", batch_size=100, num_batches=-1))
+  c.eval = ml_collections.ConfigDict(dict(
+      split="validation", batch_size=100, num_batches=-1,
+      # Zero-shot retrieval: the split's first N image-caption pairs, all N x N pairs
+      # scored by the ITM head, `retrieval_pairs_per_call` pairs per jitted call.
+      retrieval_pool=1000, retrieval_pairs_per_call=2048))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.logical_axis_rules = LOGICAL_AXIS_RULES
@@ -144,5 +148,6 @@ def get_config(arg=None):
     c.data.num_train = 2000
     c.data.num_validation = 200
     c.data.num_test = 200
+    c.eval.retrieval_pool = 100  # 10k pairs: seconds on a laptop CPU
   c.lock()
   return c

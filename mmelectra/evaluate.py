@@ -1,39 +1,59 @@
-"""Evaluation of checkpoints: the pretraining metrics of METHOD.md on a held-out split.
+"""Evaluation of checkpoints: the pretraining metrics of METHOD.md and zero-shot retrieval.
 
 `evaluate_params` runs the training objective deterministically (no dropout, a fixed rng
 per batch, so every checkpoint sees the same masks and ITM negatives) over the split and
-aggregates exact sums; `evaluate_workdir` is what `mmelectra evaluate` calls.
+aggregates exact sums; `zero_shot_retrieval` ranks the first `config.eval.retrieval_pool`
+images and captions of the split against each other with the ITM head.
+`evaluate_workdir` (one step or all) and `watch_workdir` (the sidecar job) are what
+`mmelectra evaluate` calls; both write `eval/step_<N>.json` and TensorBoard events under
+`tensorboard/eval` (next to the training run's own events).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import logging
+import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
 
 from mmelectra import checkpoint
 from mmelectra import config_lib
 from mmelectra import electra
+from mmelectra import model as model_lib
 from mmelectra import objectives
+from mmelectra import retrieval
 from mmelectra import sharding
 from mmelectra import train
 from mmelectra.data import pipeline
 
+# Defaults for workdirs whose saved config predates these fields.
+DEFAULT_RETRIEVAL_POOL = 1000
+DEFAULT_RETRIEVAL_PAIRS_PER_CALL = 2048
 
-def evaluate_params(setup: train.Setup, params, split: str, num_batches: int = -1) -> dict:
-  config = setup.config
-  batch_size = config.eval.batch_size
-  if batch_size % (jax.process_count() * sharding.data_parallel_size(setup.mesh)):
-    raise ValueError(f"config.eval.batch_size={batch_size} must be divisible by the data-parallel size")
 
-  @jax.jit
+def make_eval_step(setup: train.Setup):
+  """jit(params, batch, rng) -> metric sums of the objective, without dropout."""
+
   def eval_step(params, batch, rng):
     _, sums = objectives.compute_losses(setup.model, params, batch, rng, setup.ocfg, deterministic=True)
     return sums
 
+  return jax.jit(eval_step)
+
+
+def evaluate_params(setup: train.Setup, params, split: str, num_batches: int = -1,
+                    eval_step=None) -> dict:
+  config = setup.config
+  batch_size = config.eval.batch_size
+  if batch_size % (jax.process_count() * sharding.data_parallel_size(setup.mesh)):
+    raise ValueError(f"config.eval.batch_size={batch_size} must be divisible by the data-parallel size")
+  eval_step = eval_step or make_eval_step(setup)
   data = pipeline.make_iterator(
       config.data, split, batch_size=batch_size // jax.process_count(), seed=config.seed,
       shuffle=False, num_epochs=1, drop_remainder=False,
@@ -53,41 +73,217 @@ def evaluate_params(setup: train.Setup, params, split: str, num_batches: int = -
   return metrics
 
 
+def read_pool(data_cfg, split: str, size: int) -> dict[str, np.ndarray]:
+  """The first `size` examples of `split` (fewer if the split is smaller), in record order.
+
+  Every process reads the same pool: scoring shards the pairs, not the pool.
+  """
+  chunks, have = [], 0
+  data = pipeline.make_iterator(data_cfg, split, batch_size=min(size, 256), seed=0, shuffle=False,
+                                num_epochs=1, drop_remainder=False)
+  for batch in data:
+    keep = batch["example_mask"]
+    chunks.append({k: v[keep] for k, v in batch.items()})
+    have += int(keep.sum())
+    if have >= size:
+      break
+  if not chunks:
+    raise ValueError(f"split {split!r} of {data_cfg.name} yielded no example")
+  return {k: np.concatenate([c[k] for c in chunks])[:size] for k in chunks[0]}
+
+
+def zero_shot_retrieval(setup: train.Setup, params, split: str, pool_size: int,
+                        pairs_per_call: int = DEFAULT_RETRIEVAL_PAIRS_PER_CALL, scorer=None) -> dict:
+  """t2i/i2t R@1/5/10 over the split's first `pool_size` image-caption pairs."""
+  pool = read_pool(setup.config.data, split, pool_size)
+  scorer = scorer or retrieval.make_block_scorer(setup.model, setup.mesh, setup.rules)
+  scores = retrieval.score_all_pairs(
+      scorer, model_lib.deployed_params(params), pool, pool, pairs_per_call,
+      dp=sharding.data_parallel_size(setup.mesh))
+  metrics = retrieval.retrieval_metrics(scores, np.arange(len(scores)))
+  metrics["retrieval_pool"] = len(scores)
+  return metrics
+
+
+def _eval_cfg(config, key: str, default):
+  return config.eval[key] if key in config.eval else default
+
+
+class CheckpointEvaluator:
+  """Every metric of a checkpoint; compiles its functions once for all checkpoints."""
+
+  def __init__(self, setup: train.Setup, workdir: str):
+    self.setup, self.workdir = setup, workdir
+    self.eval_step = make_eval_step(setup)
+    self.scorer = retrieval.make_block_scorer(setup.model, setup.mesh, setup.rules)
+
+  def __call__(self, manager, step: int, split: str) -> dict:
+    """Restores `step`, computes the metrics, writes `eval/step_<N>.json` and TB events."""
+    config = self.setup.config
+    params = checkpoint.restore(manager, step, self.setup.abstract_state)["params"]
+    metrics = evaluate_params(self.setup, params, split, config.eval.num_batches, self.eval_step)
+    pool = _eval_cfg(config, "retrieval_pool", DEFAULT_RETRIEVAL_POOL)
+    if pool > 0:
+      metrics.update(zero_shot_retrieval(
+          self.setup, params, split, pool,
+          _eval_cfg(config, "retrieval_pairs_per_call", DEFAULT_RETRIEVAL_PAIRS_PER_CALL),
+          self.scorer))
+    metrics = {"step": step, "split": split, **metrics}
+    if jax.process_index() == 0:
+      write_results(self.workdir, step, metrics)
+    return metrics
+
+
+def eval_json_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "eval", f"step_{step}.json")
+
+
+def write_results(workdir: str, step: int, metrics: dict) -> None:
+  path = eval_json_path(workdir, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(metrics, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)  # a reader never sees half a file
+  tb = SummaryWriter(os.path.join(workdir, "tensorboard", "eval"))
+  for key, value in sorted(metrics.items()):
+    if isinstance(value, (int, float)) and key != "step":
+      tb.add_scalar(key, value, step)
+  tb.close()
+  logging.info("wrote %s", path)
+
+
+def _setup_for(workdir: str) -> train.Setup:
+  config, special_ids = train.prepare_data_and_config(config_lib.load(workdir))
+  return train.build(config, special_ids)
+
+
+def _read_manager(workdir: str):
+  # Read-only: an evaluator must never make or delete anything in the trainer's run.
+  directory = checkpoint.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint directory {directory}")
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  return ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir), options=options)
+
+
+def _available_steps(manager, workdir: str) -> list[int]:
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
+  return steps
+
+
 def restore_workdir(workdir: str, step: int | None = None) -> tuple[train.Setup, int, dict]:
   """(setup, step, train state) of a checkpoint of `workdir` (latest by default).
 
   Builds the workdir's data set if missing (the config needs it); shared by every command
   that reads a trained run (evaluate, export).
   """
-  config, special_ids = train.prepare_data_and_config(config_lib.load(workdir))
-  setup = train.build(config, special_ids)
-  manager = checkpoint.make_manager(workdir, max_to_keep=None)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
-  if step not in manager.all_steps():
-    raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint.checkpoint_dir(workdir)}; "
-                            f"available: {sorted(manager.all_steps())}")
+  setup = _setup_for(workdir)
+  manager = _read_manager(workdir)
+  step = _checked_step(manager, workdir, step)
   state = checkpoint.restore(manager, step, setup.abstract_state)
   manager.close()
   return setup, step, state
 
 
+def _checked_step(manager, workdir: str, step: int | None) -> int:
+  available = _available_steps(manager, workdir)
+  step = available[-1] if step is None else step
+  if step not in available:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint.checkpoint_dir(workdir)}; "
+                            f"available: {available}")
+  return step
+
+
 def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = None) -> tuple[int, dict]:
   """Evaluates a checkpoint of `workdir` (latest by default) and writes `eval/step_<N>.json`."""
-  setup, step, state = restore_workdir(workdir, step)
-  config = setup.config
-  split = split or config.eval.split
-  metrics = evaluate_params(setup, state["params"], split, config.eval.num_batches)
-  metrics = {"step": step, "split": split, **metrics}
-  if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"step_{step}.json")
-    with open(path, "w") as f:
-      json.dump(metrics, f, indent=2, sort_keys=True)
-    logging.info("wrote %s", path)
+  setup = _setup_for(workdir)
+  manager = _read_manager(workdir)
+  step = _checked_step(manager, workdir, step)
+  metrics = CheckpointEvaluator(setup, workdir)(manager, step, split or setup.config.eval.split)
+  manager.close()
   return step, metrics
+
+
+def evaluate_all_steps(workdir: str, split: str | None = None) -> list[tuple[int, dict]]:
+  """Evaluates every checkpoint of `workdir`, oldest first (`mmelectra evaluate --all`)."""
+  setup = _setup_for(workdir)
+  manager = _read_manager(workdir)
+  split = split or setup.config.eval.split
+  evaluator = CheckpointEvaluator(setup, workdir)
+  results = [(s, evaluator(manager, s, split))
+             for s in _available_steps(manager, workdir)]
+  manager.close()
+  return results
+
+
+def _already_evaluated(workdir: str, step: int, split: str) -> bool:
+  try:
+    with open(eval_json_path(workdir, step)) as f:
+      return json.load(f).get("split") == split
+  except (OSError, ValueError):
+    return False
+
+
+def watch_workdir(workdir: str, split: str | None = None, poll_seconds: float = 30.0,
+                  idle_timeout: float = 0.0, on_result=None, max_failures: int = 5) -> list[int]:
+  """The sidecar job: evaluates each new checkpoint of `workdir` once, as it appears.
+
+  Waits for the run's config, polls the checkpoint directory, and skips steps already
+  evaluated on `split` (a restarted watcher resumes). A checkpoint that fails to restore
+  (still being written, or deleted by keep-last-N under our feet) is retried at the next
+  poll, `max_failures` times at most. Returns when the run's final step
+  (`config.total_steps`) is evaluated, or after `idle_timeout` seconds (> 0) without a
+  new checkpoint. `on_result(step, metrics)` is called after each evaluation.
+  """
+  last_news = time.monotonic()
+
+  def idle() -> bool:
+    return idle_timeout > 0 and time.monotonic() - last_news > idle_timeout
+
+  while not os.path.exists(os.path.join(workdir, "config.json")):
+    if idle():
+      return []
+    time.sleep(poll_seconds)
+  setup = _setup_for(workdir)
+  split = split or setup.config.eval.split
+  final_step = setup.config.total_steps
+  evaluator = CheckpointEvaluator(setup, workdir)
+  done, failures, evaluated = set(), {}, []
+  manager = None
+  while True:
+    if manager is None and os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+      manager = _read_manager(workdir)
+    steps = []
+    if manager is not None:
+      manager.reload()
+      steps = sorted(s for s in manager.all_steps() if s not in done)
+    for step in steps:
+      if _already_evaluated(workdir, step, split):
+        done.add(step)
+        continue
+      try:
+        metrics = evaluator(manager, step, split)
+      except Exception as e:  # noqa: BLE001 - any restore failure: partial or deleted files
+        failures[step] = failures.get(step, 0) + 1
+        logging.warning("step %d not readable yet (try %d of %d): %s", step, failures[step],
+                        max_failures, e)
+        if failures[step] >= max_failures:
+          logging.error("giving up on step %d", step)
+          done.add(step)
+        continue
+      done.add(step)
+      evaluated.append(step)
+      last_news = time.monotonic()
+      if on_result is not None:
+        on_result(step, metrics)
+    if final_step in done or idle():
+      break
+    time.sleep(poll_seconds)
+  if manager is not None:
+    manager.close()
+  return evaluated
 
 
 def format_table(metrics: dict) -> str:
