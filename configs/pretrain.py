@@ -126,6 +126,15 @@ def get_config(arg=None):
       max_text_len=32,
       vocab_size=128,
       num_workers=0,
+      # Real corpora (README "Real corpora"): name=image_text_folder | coco_captions |
+      # lxmert_regions read their source files from manual_dir (default
+      # <data_dir>/downloads/manual). lxmert_regions needs regions=features.
+      manual_dir="",
+      annotations="",      # image_text_folder: caption file in manual_dir (default captions.jsonl/.csv)
+      feature_dim=2048,    # lxmert_regions: width of the TSV's region features
+      all_captions=True,   # one example per (image, caption); False: the first caption only
+      on_bad_record="error",  # error: stop naming the record | skip: drop it, count per reason
+      tokenizer="",        # a BERT vocab.txt / tokenizer.json / dir; "" trains one on the captions
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

@@ -8,7 +8,7 @@ import os
 import ml_collections
 
 from mmelectra.data import regions
-from mmelectra.data import synthetic_scenes
+from mmelectra.data import datasets
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -21,7 +21,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   derived = {
       "visual_feat_dim": regions.feature_dim(d),
       "num_regions": regions.num_regions(d),
-      "num_object_classes": synthetic_scenes.NUM_CLASSES,
+      "num_object_classes": datasets.num_object_classes(d),
   }
   for key, value in derived.items():
     if m[key] == -1:

@@ -55,6 +55,11 @@ def main(argv):
 
 
 def run():
+  if sys.argv[1:2] == ["tokenizer"]:
+    # `mmelectra tokenizer train|encode ...` has its own argparse flags (data/tokenizer_cli.py),
+    # so it needs no jax and shares no absl flag names with the other commands.
+    from mmelectra.data import tokenizer_cli
+    sys.exit(tokenizer_cli.main(sys.argv[2:]))
   app.run(main, argv=sys.argv)
 
 

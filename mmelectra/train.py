@@ -25,7 +25,8 @@ from mmelectra import objectives
 from mmelectra import optim
 from mmelectra import sharding
 from mmelectra.data import pipeline
-from mmelectra.data import synthetic_scenes
+from mmelectra.data import bad_records
+from mmelectra.data import datasets
 from mmelectra.data import tokenizer as tokenizer_lib
 from mmelectra.metric_writer import MetricWriter
 from mmelectra.model import MMElectra, model_config_from
@@ -150,7 +151,7 @@ def to_global(batch: dict, mesh) -> dict:
 
 def prepare_data_and_config(config):
   """Builds the dataset if missing, derives model fields, returns (config, special ids)."""
-  synthetic_scenes.prepare(config.data)
+  datasets.prepare(config.data)
   config = config_lib.finalize(config)
   tok = pipeline.load_tokenizer(config.data)
   if tok.get_vocab_size() > config.model.vocab_size:
@@ -189,6 +190,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # run skips the batches already consumed so it sees the same order.
   for _ in range(start_step):
     next(data_iter)
+  # Under on_bad_record="skip": counts of dropped records, logged and in the metrics.
+  skips = bad_records.SkipCounter(pipeline.build_report(config.data)["counts"])
 
   writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=start_step)
   window, last = [], {}
@@ -196,7 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step = start_step
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     while step < config.total_steps:
-      batch = to_global(next(data_iter), mesh)
+      batch = to_global(skips.take(next(data_iter)), mesh)
       state, sums = train_step(state, batch)
       step += 1
       window.append(sums)
@@ -215,6 +218,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         elapsed = time.perf_counter() - t_window
         if n_window > 0:
           metrics["examples_per_sec"] = n_window * config.batch_size / elapsed
+        metrics.update(skips.metrics())
         writer.write(step, metrics)
         last = metrics
         window, t_window, n_window = [], time.perf_counter(), 0

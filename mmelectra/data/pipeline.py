@@ -11,6 +11,14 @@ K = regions.num_regions, Dv = regions.feature_dim):
   region_mask bool [b, K], region_labels int32 [b, K] (-1: no label or padding)
   image_id int32 [b]         -1 on padding
   example_mask bool [b]      False on padding
+and, only under `config.data.on_bad_record="skip"`:
+  skip_reason int32 [b]      0, or the code (bad_records.REASONS) of a dropped record,
+                             whose slot is a padding example (example_mask False)
+
+Real corpora store all of an image's captions in one record; with
+`config.data.all_captions` (default) every (record, caption) pair is one example (the image
+repeats), else each record gives one example with its first caption. Shuffling, sharding
+and epochs run over these examples.
 
 Sharding: process p reads records i with i % process_count == p. All processes must take
 the same number of steps, so shards are made equal: with drop_remainder the last
@@ -26,12 +34,16 @@ import math
 import os
 
 from absl import flags
+from absl import logging
 import grain
 import numpy as np
 import tokenizers
 
+from mmelectra.data import bad_records
+from mmelectra.data import captioned_builder
+from mmelectra.data import datasets
+from mmelectra.data import images as images_lib
 from mmelectra.data import regions as regions_lib
-from mmelectra.data import synthetic_scenes
 from mmelectra.data import tokenizer as tokenizer_lib
 
 BATCH_KEYS = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask",
@@ -44,32 +56,63 @@ _READ_BUFFER = 4
 _PER_WORKER_BUFFER = 2
 
 
-class BadRecordError(ValueError):
-  """A stored record that cannot become a valid example."""
+BadRecordError = bad_records.BadRecordError
 
 
 # --- data set on disk ------------------------------------------------------------------
 def prepared_builder(data_cfg):
   """The TFDS builder for `data_cfg`; FileNotFoundError if it was never prepared."""
-  builder = synthetic_scenes.builder(data_cfg)
+  builder = datasets.builder(data_cfg)
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
-        "run mmelectra.data.synthetic_scenes.prepare(data_cfg) first")
+        "run mmelectra.data.datasets.prepare(data_cfg) first")
   return builder
 
 
 def load_tokenizer(data_cfg) -> tokenizers.Tokenizer:
-  """The WordPiece tokenizer saved beside the prepared data set."""
+  """`config.data.tokenizer` (a BERT vocab.txt, tokenizer.json or directory) if set, else
+  the WordPiece tokenizer saved beside the prepared data set."""
+  if data_cfg.get("tokenizer"):
+    return tokenizer_lib.load(os.path.expanduser(data_cfg.tokenizer))
   return tokenizer_lib.load(os.fspath(prepared_builder(data_cfg).data_dir))
 
 
+def build_report(data_cfg) -> dict:
+  """What the build of the prepared data set skipped (bad_records.json; empty if none)."""
+  return bad_records.read_report(prepared_builder(data_cfg).data_dir)
+
+
+def on_bad_record(data_cfg) -> str:
+  # Configs saved in workdirs before the field existed read as "error".
+  return bad_records.check_policy(data_cfg.get("on_bad_record", "error"))
+
+
+def example_table(builder, split: str, data_cfg) -> np.ndarray | None:
+  """int32 [num_examples, 2] of (record index, caption index), or None: one per record.
+
+  Only real corpora (records with a `captions` list) have one; with
+  `config.data.all_captions` every caption of every record is an example.
+  """
+  if data_cfg.name == "synthetic_scenes":
+    return None
+  counts = captioned_builder.caption_counts(builder, split)
+  if not data_cfg.get("all_captions", True):
+    return np.stack([np.arange(len(counts)), np.zeros(len(counts), np.int64)], 1).astype(np.int32)
+  records = np.repeat(np.arange(len(counts)), counts)
+  starts = np.cumsum(counts) - counts
+  return np.stack([records, np.arange(len(records)) - starts[records]], 1).astype(np.int32)
+
+
 def dataset_size(data_cfg, split: str) -> int:
-  """Number of records in `split` (all processes together)."""
-  splits = prepared_builder(data_cfg).info.splits
+  """Number of examples in `split` (all processes together): records, or (record,
+  caption) pairs for real corpora with `config.data.all_captions`."""
+  builder = prepared_builder(data_cfg)
+  splits = builder.info.splits
   if split not in splits:
     raise KeyError(f"split {split!r} not in {sorted(splits.keys())}")
-  return splits[split].num_examples
+  table = example_table(builder, split, data_cfg)
+  return splits[split].num_examples if table is None else len(table)
 
 
 # --- one record -> one example ----------------------------------------------------------
@@ -77,7 +120,7 @@ def empty_example(data_cfg, pad_id: int = 0) -> dict[str, np.ndarray]:
   """The padding example: right shapes, every mask False, labels and image_id -1."""
   text_len = data_cfg.max_text_len
   k, dv = regions_lib.num_regions(data_cfg), regions_lib.feature_dim(data_cfg)
-  return {
+  example = {
       "text_ids": np.full(text_len, pad_id, np.int32),
       "text_mask": np.zeros(text_len, bool),
       "region_feats": np.zeros((k, dv), np.float32),
@@ -87,17 +130,24 @@ def empty_example(data_cfg, pad_id: int = 0) -> dict[str, np.ndarray]:
       "image_id": np.int32(-1),
       "example_mask": np.bool_(False),
   }
+  if on_bad_record(data_cfg) == "skip":
+    example["skip_reason"] = np.int32(0)
+  return example
 
 
 @contextlib.contextmanager
-def _blame(where: str, key: str):
+def _blame(where: str, key: str, reason: str = "malformed_record"):
   """Re-raises a failure while handling `key` as a BadRecordError naming the record."""
   try:
     yield
-  except BadRecordError:
-    raise
+  except BadRecordError as e:
+    if e.args[0].startswith(where):
+      raise
+    raise BadRecordError(f"{where}, key {key!r}: {e}", e.reason) from e
+  except images_lib.UnreadableImageError as e:
+    raise BadRecordError(f"{where}, key {key!r}: {e}", "unreadable_image") from e
   except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
-    raise BadRecordError(f"{where}, key {key!r}: {e}") from e
+    raise BadRecordError(f"{where}, key {key!r}: {e}", reason) from e
 
 
 def encode_caption(caption: str, tokenizer: tokenizers.Tokenizer, max_len: int,
@@ -110,7 +160,7 @@ def encode_caption(caption: str, tokenizer: tokenizers.Tokenizer, max_len: int,
     raise ValueError("tokenizer does not wrap text in [CLS] ... [SEP]; it needs the "
                      "'[CLS] $A [SEP]' post-processor")
   if len(ids) <= 2:
-    raise ValueError(f"caption {caption!r} tokenises to no tokens")
+    raise BadRecordError(f"caption {caption!r} tokenises to no tokens", "empty_caption")
   if len(ids) > max_len:
     ids = ids[:max_len - 1] + [special_ids["sep"]]
   text_ids = np.full(max_len, special_ids["pad"], np.int32)
@@ -118,38 +168,75 @@ def encode_caption(caption: str, tokenizer: tokenizers.Tokenizer, max_len: int,
   return text_ids, np.arange(max_len) < len(ids)
 
 
+def _record_caption(record: dict, caption_index: int) -> str:
+  """The record's `caption`, or entry `caption_index` of its `captions` (real corpora)."""
+  if "caption" in record:
+    caption = record["caption"]
+  else:
+    caption = record["captions"][caption_index]
+  if isinstance(caption, bytes):
+    caption = caption.decode("utf-8")
+  if not isinstance(caption, str):
+    raise TypeError(f"expected text, got {type(caption).__name__}")
+  return caption
+
+
+def _record_image(record: dict, size: int) -> np.ndarray:
+  """uint8 [size, size, 3]: a stored array as is (checked), encoded bytes decoded+resized."""
+  image = record["image"]
+  if isinstance(image, bytes):
+    return images_lib.decode_resized(image, size)
+  if not isinstance(image, np.ndarray) or image.shape != (size, size, 3):
+    raise ValueError(f"expected a [{size}, {size}, 3] array, got shape "
+                     f"{getattr(image, 'shape', type(image).__name__)}")
+  if image.dtype != np.uint8:
+    raise ValueError(f"expected uint8, got {image.dtype}")
+  return image
+
+
+def _record_name(record: dict, index: int, caption_index: int | None, split: str) -> str:
+  """How errors name a record: split, index, image_id and, where stored, its source file."""
+  details = [f"image_id {record.get('image_id', 'missing')}"]
+  for key in ("image_file", "source"):
+    if key in record:
+      value = record[key]
+      details.append(value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
+  if caption_index is not None:
+    details.append(f"caption {caption_index}")
+  return f"{split} record {index} ({', '.join(details)})"
+
+
 def preprocess_record(record: dict, index: int, *, split: str, tokenizer: tokenizers.Tokenizer,
-                      special_ids: dict[str, int], data_cfg) -> dict[str, np.ndarray]:
-  """One decoded TFDS record -> one example; BadRecordError names record, image and key."""
-  image_id = record.get("image_id", "missing")
-  where = f"{split} record {index} (image_id {image_id})"
+                      special_ids: dict[str, int], data_cfg,
+                      caption_index: int | None = None) -> dict[str, np.ndarray]:
+  """One decoded TFDS record -> one example; BadRecordError names record, file and key.
+
+  `caption_index` picks one of a real-corpus record's `captions` (None: `caption`).
+  """
+  where = _record_name(record, index, caption_index, split)
   with _blame(where, "image_id"):
     image_id = int(record["image_id"])
     if not 0 <= image_id <= np.iinfo(np.int32).max:
       raise ValueError(f"image_id {image_id} does not fit int32")
-  with _blame(where, "image"):
-    image = record["image"]
-    size = data_cfg.image_size
-    if not isinstance(image, np.ndarray) or image.shape != (size, size, 3):
-      raise ValueError(f"expected a [{size}, {size}, 3] array, got shape "
-                       f"{getattr(image, 'shape', type(image).__name__)}")
-    if image.dtype != np.uint8:
-      raise ValueError(f"expected uint8, got {image.dtype}")
-  with _blame(where, "caption"):
-    caption = record["caption"]
-    if isinstance(caption, bytes):
-      caption = caption.decode("utf-8")
-    if not isinstance(caption, str):
-      raise TypeError(f"expected text, got {type(caption).__name__}")
+  with _blame(where, "caption" if caption_index is None else "captions"):
+    caption = _record_caption(record, caption_index or 0)
     text_ids, text_mask = encode_caption(caption, tokenizer, data_cfg.max_text_len, special_ids)
-  if data_cfg.regions == "patches":
-    with _blame(where, "image"):
-      regions = regions_lib.image_to_patches(image, data_cfg.patch_size)
+  if data_cfg.regions == "features":
+    with _blame(where, "features"):
+      regions = regions_lib.precomputed_regions(
+          record["features"], record["boxes"], record["objects_id"],
+          data_cfg.feature_dim, regions_lib.num_regions(data_cfg))
   else:
-    with _blame(where, "objects"):
-      objects = record["objects"]
-      regions = regions_lib.object_crops(image, objects["boxes"], objects["label"],
-                                         data_cfg.crop_size, regions_lib.num_regions(data_cfg))
+    with _blame(where, "image"):
+      image = _record_image(record, data_cfg.image_size)
+    if data_cfg.regions == "patches":
+      with _blame(where, "image"):
+        regions = regions_lib.image_to_patches(image, data_cfg.patch_size)
+    else:
+      with _blame(where, "objects"):
+        objects = record["objects"]
+        regions = regions_lib.object_crops(image, objects["boxes"], objects["label"],
+                                           data_cfg.crop_size, regions_lib.num_regions(data_cfg))
   return {
       "text_ids": text_ids,
       "text_mask": text_mask,
@@ -163,33 +250,53 @@ def preprocess_record(record: dict, index: int, *, split: str, tokenizer: tokeni
 
 
 class ReadExample:
-  """Record index -> example; indices past the end give the padding example.
+  """Example index -> example; indices past the end give the padding example.
 
-  A class, not a closure, so grain can pickle it into worker processes.
+  Under on_bad_record="skip" a bad record gives the padding example with its
+  `skip_reason`. A class, not a closure, so grain can pickle it into worker processes.
   """
 
-  def __init__(self, source, split: str, tokenizer: tokenizers.Tokenizer, data_cfg):
+  def __init__(self, source, split: str, tokenizer: tokenizers.Tokenizer, data_cfg,
+               table: np.ndarray | None = None):
     self._source = source
-    self._num_records = len(source)
+    self._table = table
+    self._num_examples = len(source) if table is None else len(table)
     self._split = split
     self._tokenizer = tokenizer
     self._special_ids = tokenizer_lib.special_token_ids(tokenizer)
     self._data_cfg = data_cfg
+    self._skip = on_bad_record(data_cfg) == "skip"
     self.empty = empty_example(data_cfg, self._special_ids["pad"])
+
+  def __len__(self) -> int:
+    return self._num_examples
 
   def __call__(self, index) -> dict[str, np.ndarray]:
     index = int(index)
-    if index >= self._num_records:
+    if index >= self._num_examples:
       return {k: v.copy() for k, v in self.empty.items()}
-    return preprocess_record(self._source[index], index, split=self._split,
-                             tokenizer=self._tokenizer, special_ids=self._special_ids,
-                             data_cfg=self._data_cfg)
+    record_index, caption_index = (index, None) if self._table is None else self._table[index]
+    try:
+      example = preprocess_record(
+          self._source[int(record_index)], int(record_index), split=self._split,
+          tokenizer=self._tokenizer, special_ids=self._special_ids, data_cfg=self._data_cfg,
+          caption_index=None if caption_index is None else int(caption_index))
+    except BadRecordError as e:
+      if not self._skip:
+        raise
+      logging.log_every_n(logging.WARNING, "skipping bad record (%s): %s", 100, e.reason, e)
+      example = {k: v.copy() for k, v in self.empty.items()}
+      example["skip_reason"] = np.int32(bad_records.reason_code(e.reason))
+      return example
+    if self._skip:
+      example["skip_reason"] = np.int32(0)
+    return example
 
 
 def stack_and_pad(examples, *, batch_size: int, empty: dict[str, np.ndarray]):
   """Stacks examples into a batch, filling up to batch_size with `empty` (masked) copies."""
   examples = list(examples) + [empty] * (batch_size - len(examples))
-  return {key: np.stack([e[key] for e in examples]) for key in BATCH_KEYS}
+  return {key: np.stack([e[key] for e in examples]) for key in empty}
 
 
 # --- the pipeline -----------------------------------------------------------------------
@@ -210,13 +317,17 @@ def shard_record_indices(num_records: int, process_index: int, process_count: in
 def make_dataset(source, data_cfg, split: str, tokenizer: tokenizers.Tokenizer, *,
                  batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
                  drop_remainder: bool = True, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-  """The pipeline over any random-access `source` of decoded records (see make_iterator)."""
+                 process_count: int = 1, table: np.ndarray | None = None) -> grain.IterDataset:
+  """The pipeline over any random-access `source` of decoded records (see make_iterator).
+
+  `table` ([num_examples, 2] record and caption indices, see `example_table`) makes the
+  examples (record, caption) pairs; None: one example per record.
+  """
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
-  indices = shard_record_indices(len(source), process_index, process_count,
+  read = ReadExample(source, split, tokenizer, data_cfg, table)
+  indices = shard_record_indices(len(read), process_index, process_count,
                                  pad=not drop_remainder)
-  read = ReadExample(source, split, tokenizer, data_cfg)
   ds = grain.MapDataset.source(indices)
   if shuffle:
     ds = ds.shuffle(seed=seed)
@@ -251,9 +362,12 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: 
   builder = prepared_builder(data_cfg)
   if split not in builder.info.splits:
     raise KeyError(f"split {split!r} not in {sorted(builder.info.splits.keys())}")
+  # Under "error", data whose build dropped bad records is itself an error.
+  bad_records.check_build_report(bad_records.read_report(builder.data_dir),
+                                 on_bad_record(data_cfg), builder.data_dir)
   source = builder.as_data_source(split=split)
-  tokenizer = tokenizer_lib.load(os.fspath(builder.data_dir))
-  ds = make_dataset(source, data_cfg, split, tokenizer, batch_size=batch_size, seed=seed,
-                    shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder,
-                    process_index=process_index, process_count=process_count)
+  ds = make_dataset(source, data_cfg, split, load_tokenizer(data_cfg), batch_size=batch_size,
+                    seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                    drop_remainder=drop_remainder, process_index=process_index,
+                    process_count=process_count, table=example_table(builder, split, data_cfg))
   return iter(ds)

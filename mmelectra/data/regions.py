@@ -6,6 +6,7 @@ Two detector-free ways to get regions (METHOD.md decision 2):
     its class the label (for masked object classification).
 Boxes are corners (x1, y1, x2, y2) normalised by image width/height, as in LXMERT.
 Labels are -1 where a region has no class (all patches, padding).
+A third kind, precomputed detector features (LXMERT TSV, `features` mode), only pads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+
+from mmelectra.data.bad_records import BadRecordError
 
 
 # Pixels are centred and scaled to about unit range. Uncentred values (pixel / 255, all
@@ -109,6 +112,34 @@ def object_crops(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, crop_
                  labels=out_labels)
 
 
+def precomputed_regions(features: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                        feature_dim: int, max_regions: int) -> Regions:
+  """Detector regions (LXMERT TSV): features [n, Dv] (any float dtype), normalised boxes
+  [n, 4], class ids [n] -> float32 regions padded to K = max_regions.
+
+  Raises BadRecordError for the bad-record kinds a run's config decides (wrong width,
+  too many boxes) and for non-finite values, so the pipeline can count them by reason.
+  """
+  features, boxes, labels = np.asarray(features), np.asarray(boxes), np.asarray(labels)
+  if features.ndim != 2 or features.shape[1] != feature_dim:
+    raise BadRecordError(f"features have shape {features.shape}, expected [n, {feature_dim}] "
+                         "(config.data.feature_dim)", "wrong_feature_dim")
+  num = features.shape[0]
+  if num > max_regions:
+    raise BadRecordError(f"{num} boxes exceed config.data.max_regions={max_regions}",
+                         "too_many_boxes")
+  if boxes.shape != (num, 4) or labels.shape != (num,):
+    raise ValueError(f"boxes {boxes.shape} and labels {labels.shape} do not match {num} regions")
+  feats = features.astype(np.float32)
+  if not (np.isfinite(feats).all() and np.isfinite(boxes).all()):
+    raise BadRecordError("features or boxes hold NaN or inf", "non_finite_features")
+  out = Regions(feats=np.zeros((max_regions, feature_dim), np.float32),
+                boxes=np.zeros((max_regions, 4), np.float32),
+                mask=np.arange(max_regions) < num, labels=np.full(max_regions, -1, np.int32))
+  out.feats[:num], out.boxes[:num], out.labels[:num] = feats, boxes, labels
+  return out
+
+
 def num_regions(data_cfg) -> int:
   """K: regions per image for `data_cfg.regions` ("patches" or "crops")."""
   if data_cfg.regions == "patches":
@@ -116,9 +147,10 @@ def num_regions(data_cfg) -> int:
       raise ValueError(f"image_size {data_cfg.image_size} is not divisible by patch_size "
                        f"{data_cfg.patch_size}")
     return (data_cfg.image_size // data_cfg.patch_size) ** 2
-  if data_cfg.regions == "crops":
+  if data_cfg.regions in ("crops", "features"):
     return data_cfg.max_regions
-  raise ValueError(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches' or 'crops'")
+  raise ValueError(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches', 'crops' "
+                   "or 'features'")
 
 
 def feature_dim(data_cfg) -> int:
@@ -127,4 +159,7 @@ def feature_dim(data_cfg) -> int:
     return data_cfg.patch_size * data_cfg.patch_size * 3
   if data_cfg.regions == "crops":
     return data_cfg.crop_size * data_cfg.crop_size * 3
-  raise ValueError(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches' or 'crops'")
+  if data_cfg.regions == "features":
+    return data_cfg.feature_dim
+  raise ValueError(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches', 'crops' "
+                   "or 'features'")

@@ -33,7 +33,7 @@ def special_token_ids(tokenizer: tokenizers.Tokenizer) -> dict[str, int]:
   return ids
 
 
-def _make_bert_pipeline(tokenizer: tokenizers.Tokenizer, lowercase: bool) -> None:
+def make_bert_pipeline(tokenizer: tokenizers.Tokenizer, lowercase: bool) -> None:
   """Sets BertWordPieceTokenizer's normaliser, pre-tokeniser and decoder in place."""
   tokenizer.normalizer = normalizers.BertNormalizer(
       clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
@@ -53,7 +53,7 @@ def _add_cls_sep_template(tokenizer: tokenizers.Tokenizer) -> None:
 def _word_counts(texts, lowercase: bool) -> collections.Counter:
   """Words as the tokenizer will see them: BERT-normalised and pre-tokenised."""
   splitter = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-  _make_bert_pipeline(splitter, lowercase)
+  make_bert_pipeline(splitter, lowercase)
   counts = collections.Counter()
   for text in texts:
     normalised = splitter.normalizer.normalize_str(text)
@@ -121,7 +121,7 @@ def from_vocab(tokens: Sequence[str], lowercase: bool = True) -> tokenizers.Toke
   tokenizer = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
   # Registering the specials stops the pre-tokeniser from splitting "[CLS]" into pieces.
   tokenizer.add_special_tokens([t for t in SPECIAL_TOKENS if t in vocab])
-  _make_bert_pipeline(tokenizer, lowercase)
+  make_bert_pipeline(tokenizer, lowercase)
   _add_cls_sep_template(tokenizer)
   return tokenizer
 
