@@ -12,7 +12,7 @@ DEMO_CONFIG ?= configs/pretrain.py:size=tiny,regions=crops,runlocal
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,export]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/mmelectra train --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
 	$(VENV)/bin/mmelectra evaluate --workdir=$(DEMO_DIR)
+	$(VENV)/bin/mmelectra export --workdir=$(DEMO_DIR) --out=$(DEMO_DIR)/hf --verify
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

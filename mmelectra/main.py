@@ -2,6 +2,8 @@
 
   mmelectra train --config=configs/pretrain.py:size=tiny --workdir=runs/x [--config.key=value]
   mmelectra evaluate --workdir=runs/x [--step=N] [--split=validation]
+  mmelectra export --workdir=runs/x [--step=N] --out=runs/x/hf [--verify] [--export_heads]
+  mmelectra import-hf --hf_dir=path/to/lxmert --workdir=runs/z [--config=configs/pretrain.py[:args]]
 """
 
 from __future__ import annotations
@@ -14,13 +16,19 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "evaluate")
+COMMANDS = ("train", "evaluate", "export", "import-hf")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, with an optional ':arg' string.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, eval).")
 _STEP = flags.DEFINE_integer("step", None, "evaluate: checkpoint step (default: latest).")
 _SPLIT = flags.DEFINE_string("split", None, "evaluate: split (default: config.eval.split).")
+_OUT = flags.DEFINE_string("out", None, "export: output Hugging Face directory.")
+_VERIFY = flags.DEFINE_bool("verify", False, "export: check the PyTorch model against the JAX "
+                            "model on random and validation inputs; fail above 1e-4.")
+_EXPORT_HEADS = flags.DEFINE_bool("export_heads", False, "export: also write the pretraining "
+                                  "heads (RTD/R2D or MOC) to mmelectra_heads.safetensors.")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "import-hf: Hugging Face LXMERT directory to import.")
 
 
 def _usage(msg: str) -> None:
@@ -52,6 +60,24 @@ def main(argv):
     if jax.process_index() == 0:
       print(f"evaluation of {_WORKDIR.value} step {step}:")
       print(evaluate.format_table(metrics))
+  elif command == "export":
+    if not _OUT.value:
+      _usage("export needs --out=HF_DIR")
+    from mmelectra import export_hf
+    step, diffs = export_hf.export_workdir(_WORKDIR.value, _OUT.value, step=_STEP.value,
+                                           check=_VERIFY.value, export_heads=_EXPORT_HEADS.value)
+    print(f"exported {_WORKDIR.value} step {step} to {_OUT.value}")
+    if diffs is not None:
+      print(f"parity, max abs difference JAX vs PyTorch (bound {export_hf.PARITY_BOUND:g}):")
+      print(export_hf.format_diffs(diffs))
+  elif command == "import-hf":
+    if not _HF_DIR.value:
+      _usage("import-hf needs --hf_dir=HF_DIR")
+    from mmelectra import export_hf
+    summary = export_hf.import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value)
+    print(f"imported {_HF_DIR.value} into {_WORKDIR.value} (step 0): {len(summary['loaded'])} "
+          f"parameters loaded, {len(summary['initialised'])} freshly initialised; see "
+          f"{_WORKDIR.value}/{export_hf.IMPORT_INFO_FILE}")
 
 
 def run():
