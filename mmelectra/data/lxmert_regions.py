@@ -148,10 +148,10 @@ def generate_region_records(source_dir: str, captions: dict, image_ids: dict,
         if not captions.get(img_id, ((), ""))[0] or img_id in seen:
           continue
         where = f"{os.path.basename(path)}:{reader.line_num} (img_id {img_id})"
+        seen.add(img_id)  # A bad row counts once, under its own reason, not as missing.
         fields = parse_row(row, feature_dim, where, tally)
         if fields is None:
           continue
-        seen.add(img_id)
         yield img_id, {"image_id": image_ids[img_id], "image_name": img_id, "source": where,
                        "captions": np.array(captions[img_id][0], dtype=object), **fields}
   for img_id in sorted(i for i in set(captions) - seen if captions[i][0]):
