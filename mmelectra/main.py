@@ -1,7 +1,8 @@
 """Command line: `mmelectra train | evaluate ...`.
 
   mmelectra train --config=configs/pretrain.py:size=tiny --workdir=runs/x [--config.key=value]
-  mmelectra evaluate --workdir=runs/x [--step=N] [--split=validation]
+  mmelectra evaluate --workdir=runs/x [--step=N | --all | --watch] [--split=validation]
+  mmelectra finetune --config=configs/finetune_vqa.py --workdir=runs/y --config.init_from=runs/x
   mmelectra export --workdir=runs/x [--step=N] --out=runs/x/hf [--verify] [--export_heads]
   mmelectra import-hf --hf_dir=path/to/lxmert --workdir=runs/z [--config=configs/pretrain.py[:args]]
 """
@@ -16,13 +17,19 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "evaluate", "export", "import-hf")
+COMMANDS = ("train", "evaluate", "finetune", "export", "import-hf")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, with an optional ':arg' string.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, eval).")
 _STEP = flags.DEFINE_integer("step", None, "evaluate: checkpoint step (default: latest).")
 _SPLIT = flags.DEFINE_string("split", None, "evaluate: split (default: config.eval.split).")
+_ALL = flags.DEFINE_bool("all", False, "evaluate: every checkpoint of the workdir, oldest first.")
+_WATCH = flags.DEFINE_bool("watch", False, "evaluate: poll the workdir and evaluate each new "
+                           "checkpoint once, until the run's final step (the sidecar job).")
+_POLL_SECONDS = flags.DEFINE_float("poll_seconds", 30.0, "evaluate --watch: seconds between polls.")
+_IDLE_TIMEOUT = flags.DEFINE_float("idle_timeout", 0.0, "evaluate --watch: stop after this many "
+                                   "seconds without a new checkpoint (0: never).")
 _OUT = flags.DEFINE_string("out", None, "export: output Hugging Face directory.")
 _VERIFY = flags.DEFINE_bool("verify", False, "export: check the PyTorch model against the JAX "
                             "model on random and validation inputs; fail above 1e-4.")
@@ -56,9 +63,30 @@ def main(argv):
     logging.info("final metrics: %s", metrics)
   elif command == "evaluate":
     from mmelectra import evaluate
-    step, metrics = evaluate.evaluate_workdir(_WORKDIR.value, _STEP.value, _SPLIT.value)
+
+    def report(step, metrics):
+      if jax.process_index() == 0:
+        print(f"evaluation of {_WORKDIR.value} step {step}:")
+        print(evaluate.format_table(metrics), flush=True)
+
+    if sum([_ALL.value, _WATCH.value, _STEP.value is not None]) > 1:
+      _usage("--step, --all and --watch exclude each other")
+    if _WATCH.value:
+      evaluate.watch_workdir(_WORKDIR.value, _SPLIT.value, poll_seconds=_POLL_SECONDS.value,
+                             idle_timeout=_IDLE_TIMEOUT.value, on_result=report)
+    elif _ALL.value:
+      for step, metrics in evaluate.evaluate_all_steps(_WORKDIR.value, _SPLIT.value):
+        report(step, metrics)
+    else:
+      report(*evaluate.evaluate_workdir(_WORKDIR.value, _STEP.value, _SPLIT.value))
+  elif command == "finetune":
+    if _CONFIG.value is None:
+      _usage("finetune needs --config=configs/finetune_vqa.py or configs/finetune_retrieval.py")
+    from mmelectra import evaluate
+    from mmelectra import finetune
+    metrics = finetune.finetune(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
-      print(f"evaluation of {_WORKDIR.value} step {step}:")
+      print(f"fine-tuned {_WORKDIR.value}, test metrics:")
       print(evaluate.format_table(metrics))
   elif command == "export":
     if not _OUT.value:

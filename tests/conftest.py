@@ -73,3 +73,31 @@ def tiny_data_cfg(data_dir, **overrides):
 @pytest.fixture
 def micro():
   return micro_config
+
+
+def tiny_run_config(data_dir, steps):
+  """micro_config's model on tiny_data_cfg scenes; model fields follow from the data."""
+  c = ml_collections.ConfigDict(micro_config().to_dict())
+  c.model.update(visual_feat_dim=-1, num_regions=-1, num_object_classes=-1, vocab_size=128,
+                 max_position=32)
+  c.data = tiny_data_cfg(data_dir)
+  c.update(total_steps=steps, checkpoint_every=steps, log_every=steps, batch_size=6)
+  c.eval.update(batch_size=6, retrieval_pool=5, retrieval_pairs_per_call=9)
+  c.lock()
+  return c
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_run(tmp_path_factory):
+  """Workdir of a 3-step ELECTRA pretraining run of the micro model (config + checkpoint)."""
+  import jax
+
+  from mmelectra import train
+  root = tmp_path_factory.mktemp("tiny_run")
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates
+  try:
+    train.train_and_evaluate(tiny_run_config(str(root / "tfds"), 3), str(root / "run"))
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+  return str(root / "run")

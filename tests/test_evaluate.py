@@ -8,12 +8,11 @@ import threading
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from conftest import micro_config, tiny_data_cfg
-from mmelectra import evaluate, retrieval, train
+from conftest import micro_config
+from mmelectra import evaluate, retrieval
 from mmelectra.model import MMElectra, model_config_from
 
 RETRIEVAL_KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
@@ -89,17 +88,6 @@ def test_block_sizes_split_over_devices():
 
 
 # --- a tiny trained run -------------------------------------------------------------------
-def _run_config(data_dir, steps):
-  c = ml_collections.ConfigDict(micro_config().to_dict())
-  c.model.update(visual_feat_dim=-1, num_regions=-1, num_object_classes=-1, vocab_size=128,
-                 max_position=32)
-  c.data = tiny_data_cfg(data_dir)
-  c.update(total_steps=steps, checkpoint_every=steps, log_every=steps, batch_size=6)
-  c.eval.update(batch_size=6, retrieval_pool=5, retrieval_pairs_per_call=9)
-  c.lock()
-  return c
-
-
 @pytest.fixture(scope="module", autouse=True)
 def fast_compile():
   # Compile time dominates these tiny programs.
@@ -109,12 +97,9 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", before)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  root = tmp_path_factory.mktemp("eval")
-  workdir = str(root / "run")
-  train.train_and_evaluate(_run_config(str(root / "tfds"), 3), workdir)
-  return workdir
+@pytest.fixture
+def trained(tiny_pretrained_run):
+  return tiny_pretrained_run
 
 
 def test_evaluate_all_writes_every_metric_and_tensorboard(trained):

@@ -1,0 +1,45 @@
+"""VQA fine-tuning: `--config=configs/finetune_vqa.py[:runlocal] --config.init_from=PRETRAIN_DIR`.
+
+The model, data set and tokenizer come from the pretraining run `init_from`; by default
+the questions are the synthetic scenes' VQA derivative (`mmelectra/data/synthetic_vqa.py`),
+or JSONL files `vqa.train_jsonl` / `vqa.test_jsonl` of `{image, question, answers}`.
+`init_mode=random` trains the same architecture from scratch (the baseline).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  runlocal = arg == "runlocal"
+  if arg not in (None, "", "runlocal"):
+    raise ValueError(f"unknown config argument {arg!r}; expected 'runlocal' or nothing")
+  c = ml_collections.ConfigDict()
+  c.task = "vqa"
+  c.init_from = ""  # a pretraining workdir (required)
+  c.init_mode = "pretrained"  # pretrained | random
+  c.seed = 0
+  c.batch_size = 32
+  c.total_steps = 3000
+  c.log_every = 50
+  c.dropout_rate = -1.0  # -1: the pretraining config's
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=300, schedule="linear", end_learning_rate_fraction=0.0,
+      b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, grad_clip_norm=1.0,
+      layer_decay=1.0,  # < 1: layer-wise learning-rate decay (ELECTRA uses 0.8)
+      head_learning_rate=0.0,  # > 0: the VQA head's own peak learning rate
+  ))
+  c.vqa = ml_collections.ConfigDict(dict(
+      num_answers=3129,  # top-K training answers (VQA v2 practice); the synthetic set has 21
+      loss="bce",  # bce: VQA soft scores | ce: cross-entropy on the most frequent answer
+      questions_per_image=3,
+      train_split="train", test_split="test",
+      train_jsonl="", test_jsonl="",  # set both to fine-tune on JSONL files instead
+  ))
+  c.eval = ml_collections.ConfigDict(dict(split="test", batch_size=100))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  if runlocal:
+    c.total_steps = 500
+    c.optimizer.learning_rate = 5e-4
+    c.optimizer.warmup_steps = 50
+  c.lock()
+  return c
