@@ -10,7 +10,22 @@ import pytest
 from mmelectra.data import synthetic_scenes as ss
 from mmelectra.data import tokenizer as tokenizer_lib
 
-RELATION = re.compile(r"the (\w+) (\w+) (?:is|lies) (left of|right of|above|below) the (\w+) (\w+)\.")
+_REF = r"the (\w+)(?: (\w+))?"
+RELATION = re.compile(_REF + r" (?:is|lies) (left of|right of|above|below) " + _REF + r"\.")
+
+
+def resolve_reference(words, objects):
+  """Index of the one object that "the circle" / "the red one" / "the red circle" names."""
+  first, second = words
+  if not second:
+    matches = [i for i, s in enumerate(objects["shape"]) if ss.SHAPES[s] == first]
+  elif second == "one":
+    matches = [i for i, c in enumerate(objects["colour"]) if ss.COLOURS[c] == first]
+  else:
+    matches = [i for i, (s, c) in enumerate(zip(objects["shape"], objects["colour"]))
+               if ss.COLOURS[c] == first and ss.SHAPES[s] == second]
+  assert len(matches) == 1, (words, matches)
+  return matches[0]
 
 
 tiny_data_cfg = conftest.tiny_data_cfg
@@ -99,12 +114,17 @@ def test_captions_name_every_object_and_a_true_relation():
       assert f"a {ss.SIZES[size]} {ss.COLOURS[colour]} {ss.SHAPES[shape]}" in caption
     relations = RELATION.findall(caption)
     assert len(relations) == (1 if len(objects["label"]) >= 2 else 0), caption
-    for colour_a, shape_a, relation, colour_b, shape_b in relations:
+    for a1, a2, relation, b1, b2 in relations:
       centre = {}
-      for name, (c, s) in (("a", (colour_a, shape_a)), ("b", (colour_b, shape_b))):
-        label = ss.SHAPES.index(s) * len(ss.COLOURS) + ss.COLOURS.index(c)
-        box = objects["boxes"][list(objects["label"]).index(label)]
+      for name, words in (("a", (a1, a2)), ("b", (b1, b2))):
+        i = resolve_reference(words, objects)
+        box = objects["boxes"][i]
         centre[name] = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        # The shortest unambiguous name, so the relation does not restate the listing.
+        shape_unique = list(objects["shape"]).count(objects["shape"][i]) == 1
+        colour_unique = list(objects["colour"]).count(objects["colour"][i]) == 1
+        form = "shape" if not words[1] else "colour" if words[1] == "one" else "both"
+        assert form == ("shape" if shape_unique else "colour" if colour_unique else "both"), caption
       dx = centre["a"][0] - centre["b"][0]
       dy = centre["a"][1] - centre["b"][1]
       expected = {"left of": dx < 0 and abs(dx) >= abs(dy), "right of": dx > 0 and abs(dx) >= abs(dy),

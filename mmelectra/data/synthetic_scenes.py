@@ -118,6 +118,22 @@ def caption_length(caption: str) -> int:
   return len(caption.replace(".", " . ").split())
 
 
+def object_reference(i: int, shapes, colours) -> str:
+  """The shortest unambiguous name of object i: "the circle", "the red one" or "the red circle".
+
+  The relation does not repeat what the listing already said where it need not: a
+  masked colour or shape word then has to be read off the image, not off the caption's
+  other mention of the same object. Otherwise MLM and RTD are solvable from the text
+  alone and nothing teaches the fusion layers to bind words to regions (which is what
+  ITM needs).
+  """
+  if list(shapes).count(shapes[i]) == 1:
+    return f"the {SHAPES[shapes[i]]}"
+  if list(colours).count(colours[i]) == 1:
+    return f"the {COLOURS[colours[i]]} one"
+  return f"the {COLOURS[colours[i]]} {SHAPES[shapes[i]]}"
+
+
 def make_caption(rng: np.random.Generator, shapes, colours, sizes, pixel_boxes) -> str:
   """Names every object ("a large red circle") and relates one pair of them (if N >= 2).
 
@@ -129,13 +145,12 @@ def make_caption(rng: np.random.Generator, shapes, colours, sizes, pixel_boxes) 
   relation = ""
   n = len(shapes)
   if n >= 2:
-    # (shape, colour) is unique within a scene, so "the red circle" names one object.
     a, b = rng.choice(n, size=2, replace=False)
     template = _RELATION_TEMPLATES[rng.integers(len(_RELATION_TEMPLATES))]
     relation = " " + template.format(
-        a=f"the {COLOURS[colours[a]]} {SHAPES[shapes[a]]}",
+        a=object_reference(a, shapes, colours),
         rel=_relation(pixel_boxes[a], pixel_boxes[b]),
-        b=f"the {COLOURS[colours[b]]} {SHAPES[shapes[b]]}")
+        b=object_reference(b, shapes, colours))
   fitting = [t for t in _INTRO_TEMPLATES
              if caption_length(t.format(listing) + relation) <= MAX_CAPTION_LENGTH]
   return fitting[rng.integers(len(fitting))].format(listing) + relation
@@ -233,7 +248,7 @@ DEFAULT_CONFIG = SceneConfig(name=_config_name(64, 8000, 1000, 1000, 0, 128),
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
   """Captioned synthetic scenes; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [DEFAULT_CONFIG]
 
