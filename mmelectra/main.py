@@ -5,6 +5,9 @@
   mmelectra finetune --config=configs/finetune_vqa.py --workdir=runs/y --config.init_from=runs/x
   mmelectra export --workdir=runs/x [--step=N] --out=runs/x/hf [--verify] [--export_heads]
   mmelectra import-hf --hf_dir=path/to/lxmert --workdir=runs/z [--config=configs/pretrain.py[:args]]
+  mmelectra compile-check --config=configs/pretrain.py:size=large --num_devices=64 --mesh=1,8,8
+Multi-process (one process per host): jax.distributed starts by itself on Cloud TPU pod
+slices; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "evaluate", "finetune", "export", "import-hf")
+COMMANDS = ("train", "evaluate", "finetune", "export", "import-hf", "compile-check")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, with an optional ':arg' string.",
                                           lock_config=True)
@@ -36,6 +39,18 @@ _VERIFY = flags.DEFINE_bool("verify", False, "export: check the PyTorch model ag
 _EXPORT_HEADS = flags.DEFINE_bool("export_heads", False, "export: also write the pretraining "
                                   "heads (RTD/R2D or MOC) to mmelectra_heads.safetensors.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import-hf: Hugging Face LXMERT directory to import.")
+# Multi-process runs (one process per host); see mmelectra/distributed.py and launch/.
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed: auto starts it when --coordinator_address is "
+                                 "given or JAX detects a cluster (Cloud TPU pod slices, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "compile-check: simulated CPU devices.")
+_MESH = flags.DEFINE_string("mesh", None, "compile-check: data,fsdp,model sizes, e.g. 1,8,8 "
+                            "(default: the config's mesh).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "compile-check: a TPU topology such as v5e:4x4 "
+                                "instead of simulated CPU devices (needs libtpu).")
 
 
 def _usage(msg: str) -> None:
@@ -52,9 +67,18 @@ def main(argv):
     # orbax and TFDS log every save and read at INFO; keep the console to the progress
     # bar and results unless --verbosity asks for more.
     logging.set_verbosity(logging.WARNING)
+  jax.config.update("jax_threefry_partitionable", True)
+  if command == "compile-check":
+    if _CONFIG.value is None:
+      _usage("compile-check needs --config=configs/pretrain.py[:args]")
+    from mmelectra import compile_check
+    sys.exit(compile_check.main(_CONFIG.value, _NUM_DEVICES.value, _MESH.value, _TOPOLOGY.value,
+                                sys.argv))
   if not _WORKDIR.value:
     _usage("--workdir is required")
-  jax.config.update("jax_threefry_partitionable", True)
+  from mmelectra import distributed
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
   if command == "train":
     if _CONFIG.value is None:
       _usage("train needs --config=configs/pretrain.py[:args]")

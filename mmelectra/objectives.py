@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from mmelectra import collectives
 from mmelectra import electra
 from mmelectra.model import MMElectra
 
@@ -89,8 +90,9 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _
     example_mask = jnp.ones(batch["text_ids"].shape[:1], bool)
   batch_size = batch["text_ids"].shape[0]
   source, matched = electra.itm_pairs(rng_itm, batch_size, ocfg.itm_negative_fraction, example_mask)
-  text_ids = batch["text_ids"][source]
-  text_mask = batch["text_mask"][source].astype(bool)
+  # A negative's text may sit on another data-parallel shard.
+  text_ids = collectives.take_rows(batch["text_ids"], source)
+  text_mask = collectives.take_rows(batch["text_mask"], source).astype(bool)
   maskable = text_mask & ~jnp.isin(text_ids, jnp.asarray(ocfg.special_ids))
   t_pos, t_w = electra.choose_mask_positions(rng_text, maskable, ocfg.text_mask_rate, ocfg.max_text_masked)
   region_mask = batch["region_mask"].astype(bool)
@@ -125,7 +127,8 @@ def _moc_terms(model: MMElectra, params, moc_out, x: _Inputs, loss_weight: Array
   if ocfg.moc_mode == "sample":
     pool_feats = x.feats.reshape(-1, x.feats.shape[-1])
     candidates = model.apply({"params": params}, pool_feats, method=MMElectra.candidate_embeddings)
-    scores = electra.region_candidate_scores(moc_out, candidates, x.region_mask.reshape(-1))
+    # The pool is every region of the global batch, on all shards (METHOD.md decision 5).
+    scores = collectives.pool_candidate_scores(moc_out, candidates, x.region_mask.reshape(-1))
     target = electra.flat_region_index(x.region_positions, num_regions)
     moc = electra.cross_entropy(scores, target, loss_weight)
     acc = electra.accuracy_sums(jnp.argmax(scores, -1), target, loss_weight)
@@ -148,7 +151,7 @@ def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveCo
   original = electra.gather(x.feats, x.region_positions)
   if ocfg.moc_mode == "sample":
     idx = electra.gumbel_argmax(rng, moc_scores, ocfg.region_temperature)
-    return pool_feats[idx]
+    return collectives.take_rows(pool_feats, idx)
   if ocfg.moc_mode == "regress":
     # The regressed vector itself: R2D's gradient reaches the generator through it.
     return moc_out.astype(x.feats.dtype)
@@ -156,7 +159,7 @@ def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveCo
   classes = electra.gumbel_argmax(rng_cls, moc_scores, ocfg.region_temperature)
   idx, found = electra.sample_regions_of_class(
       rng_pick, classes, x.region_labels.reshape(-1), x.region_mask.reshape(-1))
-  return jnp.where(found[..., None], pool_feats[idx], original)
+  return jnp.where(found[..., None], collectives.take_rows(pool_feats, idx), original)
 
 
 def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,

@@ -53,7 +53,33 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """`spec` with the mesh axes removed from every dimension they do not divide.
+
+  The rules name axes, not sizes: 12 heads on `model=8`, a generator with 1 head, or a
+  5-class head would be an indivisible sharding (an error at jit). Such a dimension
+  drops axes from the minor end until the rest divides it, down to replication.
+  """
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+      axes = axes[:-1]
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
 def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules):
-  """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned`."""
+  """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned`.
+
+  Dimensions an axis does not divide are replicated along it (`fit_spec`).
+  """
   specs = nn.get_partition_spec(abstract_boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shapes = jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
+      abstract_boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  return jax.tree.map(lambda x, s: NamedSharding(mesh, fit_spec(s.spec, x.shape, mesh)),
+                      shapes, shardings)

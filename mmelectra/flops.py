@@ -1,0 +1,175 @@
+"""Analytic FLOPs of one train step, the peak FLOP/s of a device, and MFU.
+
+Counts matrix multiplications only (2 FLOPs per multiply-add), as MFU conventionally
+does; elementwise work (LayerNorm, GELU, softmax, the optimizer) is left out, which is
+why `tests/test_flops.py` allows XLA's `cost_analysis()` some slack. Backward costs twice
+the forward (gradients of activations and of weights), so a trained matmul counts 3x.
+Attention is bidirectional: every query attends to every key (no causal halving).
+
+`train_step_flops(config)` is for the whole global batch; divide by the device count for
+a device's share. `peak_flops_per_device()` reads the table below, or on CPU measures a
+large matmul once and caches the figure on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+from mmelectra import electra
+
+# Dense bf16 peak per chip (vendor figures, FLOP/s). MFU is quoted against these, as is
+# conventional, whatever the run's compute dtype: a float32 run shows the cost of fp32.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,   # v5e
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,        # v5p reports "TPU v5"
+    "TPU v6 lite": 918e12,   # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Encoder:
+  hidden: int
+  mlp: int
+  l_layers: int
+  r_layers: int
+  x_layers: int
+
+
+def _self_layer(s: int, h: int, f: int) -> float:
+  """One post-LN transformer layer on s positions: q, kv, out projections, QK^T, PV, FFN."""
+  return 2 * s * h * (h + 2 * h + h) + 2 * 2 * s * s * h + 2 * 2 * s * h * f
+
+
+def _cross_layer(t: int, k: int, h: int, f: int) -> float:
+  """LXMERT cross-modality layer: cross-attention both ways, self-attention, FFN per side."""
+  cross = 0.0
+  for q_len, kv_len in ((t, k), (k, t)):
+    cross += 2 * q_len * h * 2 * h + 2 * kv_len * h * 2 * h + 2 * 2 * q_len * kv_len * h
+  return cross + _self_layer(t, h, f) + _self_layer(k, h, f)
+
+
+def encoder_forward_flops(enc: _Encoder, t: int, k: int) -> float:
+  """Forward FLOPs of one example through an LXMERT encoder stack (embeddings excluded)."""
+  return (enc.l_layers * _self_layer(t, enc.hidden, enc.mlp)
+          + enc.r_layers * _self_layer(k, enc.hidden, enc.mlp)
+          + enc.x_layers * _cross_layer(t, k, enc.hidden, enc.mlp))
+
+
+def train_step_flops(config) -> float:
+  """FLOPs of one train step (forward + backward) over the global batch of `config`.
+
+  `config` is a finalized run config (model fields filled in, see `config_lib.finalize`).
+  """
+  m = config.model
+  b, t, k, dv, v = config.batch_size, config.data.max_text_len, m.num_regions, m.visual_feat_dim, m.vocab_size
+  h = m.hidden_size
+  mt = electra.max_masked(t, config.text_mask_rate)
+  mr = electra.max_masked(k, config.region_mask_rate)
+  moc_out = {"sample": h, "regress": dv, "classify": m.num_object_classes}[m.moc_mode]
+  disc = _Encoder(h, m.mlp_dim, m.l_layers, m.r_layers, m.x_layers)
+  embed = 2 * k * (dv + 4) * h  # visual feature + box projections (word lookups are free)
+
+  def heads(width):  # MLM (dense to h, tied vocabulary) and MOC heads at masked slots
+    mlm = 2 * mt * (width * h + h * v)
+    moc = 2 * mr * (width * width + width * moc_out)
+    return mlm + moc
+
+  # MOC `sample`: every masked region scores all b*k regions of the global batch, whose
+  # keys are the visual projection of every region.
+  pool = (2 * k * dv * h + 2 * mr * b * k * h) if m.moc_mode == "sample" else 0.0
+  itm = 2 * h * h + 2 * h * 2
+  if config.objective == "electra":
+    g = max(int(round(h * m.generator_width_ratio)), 1)
+    gen = _Encoder(g, max(int(round(m.mlp_dim * m.generator_width_ratio)), 1),
+                   m.l_layers, m.r_layers, m.x_layers)
+    generator = embed + 2 * (t + k) * h * g + encoder_forward_flops(gen, t, k) + heads(g) + pool
+    binary_heads = 2 * (t + k) * (h * h + h)  # RTD and R2D
+    discriminator = embed + encoder_forward_flops(disc, t, k) + binary_heads + itm
+    forward = generator + discriminator
+  elif config.objective == "mlm":
+    forward = embed + encoder_forward_flops(disc, t, k) + heads(h) + pool + itm
+  else:
+    raise ValueError(f"unknown objective {config.objective!r}")
+  return 3.0 * b * forward
+
+
+# --- peak -------------------------------------------------------------------------------
+def _cache_path() -> str:
+  root = os.environ.get("MMELECTRA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mmelectra")
+  return os.path.join(root, "peak_flops.json")
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32, device=None) -> float:
+  """Best FLOP/s of an n x n matmul on one device (one warm-up call excluded)."""
+  device = device or jax.local_devices()[0]
+  x = jax.device_put(jnp.ones((n, n), dtype), device)
+  mm = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(mm(x))
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(x))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n**3 / best
+
+
+def cpu_peak_flops() -> float:
+  """This host's float32 matmul FLOP/s, measured once and cached on disk."""
+  key = f"{platform.node()}|{platform.processor() or platform.machine()}|{os.cpu_count()}|f32"
+  path = _cache_path()
+  cache = {}
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        cache = json.load(f)
+    except (OSError, ValueError):
+      cache = {}
+  if key not in cache:
+    cache[key] = measure_matmul_flops()
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(cache, f, indent=1)
+    except OSError:
+      pass  # a read-only home: measure again next time
+  return float(cache[key])
+
+
+def peak_flops_per_device(device=None) -> float | None:
+  """Peak FLOP/s of one device, or None for an unknown accelerator.
+
+  Simulated CPU devices (`--xla_force_host_platform_device_count`) share the host's
+  cores, so each gets the measured host peak divided by the local device count.
+  """
+  device = device or jax.local_devices()[0]
+  if device.platform == "cpu":
+    return cpu_peak_flops() / jax.local_device_count()
+  kind = device.device_kind
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
+    if name.lower() in kind.lower():
+      return PEAK_FLOPS[name]
+  return None
+
+
+def throughput_metrics(step_flops: float, steps_per_sec: float, num_devices: int,
+                       peak_per_device: float | None) -> dict[str, float]:
+  """`tflops_per_device` and (when the peak is known) `mfu` of a measured step rate."""
+  per_device = step_flops * steps_per_sec / num_devices
+  out = {"tflops_per_device": per_device / 1e12}
+  if peak_per_device:
+    out["mfu"] = per_device / peak_per_device
+  return out
