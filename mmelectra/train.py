@@ -21,6 +21,7 @@ from absl import logging
 from mmelectra import checkpoint
 from mmelectra import config_lib
 from mmelectra import electra
+from mmelectra import flops
 from mmelectra import objectives
 from mmelectra import optim
 from mmelectra import sharding
@@ -182,6 +183,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start_step = int(jax.device_get(state["step"]))
 
   train_step = make_train_step(setup)
+  # MFU: the analytic FLOPs of a step over the measured step rate (mmelectra/flops.py).
+  step_flops, peak_flops = flops.train_step_flops(config), flops.peak_flops_per_device()
   local_batch = config.batch_size // jax.process_count()
   data_iter = pipeline.make_iterator(
       config.data, "train", batch_size=local_batch, seed=config.seed, shuffle=True,
@@ -218,6 +221,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         elapsed = time.perf_counter() - t_window
         if n_window > 0:
           metrics["examples_per_sec"] = n_window * config.batch_size / elapsed
+          metrics.update(flops.throughput_metrics(step_flops, n_window / elapsed,
+                                                  jax.device_count(), peak_flops))
         metrics.update(skips.metrics())
         writer.write(step, metrics)
         last = metrics
