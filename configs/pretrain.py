@@ -74,6 +74,10 @@ def get_config(arg=None):
   c.checkpoint_every = 1_000
   c.eval_every = 0  # 0: evaluate only with `mmelectra evaluate`
   c.max_checkpoints_to_keep = 3
+  c.keep_checkpoint_every = 0  # > 0: also keep every checkpoint whose step it divides, forever
+  c.init_from = ""  # a run's workdir or step dir: start from its parameters (only), by name
+  c.max_nonfinite_steps = 20  # stop after this many non-finite steps in a row (0: never)
+  c.debug_nan_steps = ()  # tests: (0-based) steps whose gradients are made NaN
   c.grad_accum_steps = 1
 
   # The method (METHOD.md decisions 4-8).

@@ -19,6 +19,7 @@ new model, by name, with a report of what was loaded, newly initialised and drop
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
@@ -83,6 +84,10 @@ def restore_data_iterator(manager: ocp.CheckpointManager, step: int, data_iter) 
   has no iterator state for this process (saved by another process count, or without)."""
   path = epath.Path(manager.directory) / str(step) / DATA
   index, count = jax.process_index(), jax.process_count()
+  if not path.exists():
+    # Written without one (e.g. `import-hf` at step 0): the data order starts afresh.
+    logging.info("checkpoint %s has no input-iterator state", path.parent)
+    return False
   if not (path / f"process_{index}-of-{count}.json").exists():
     logging.warning("checkpoint %s has no input-iterator state for process %d of %d; the data "
                     "order starts afresh (it is not the order an uninterrupted run would see)",
@@ -97,6 +102,21 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
   if not (epath.Path(manager.directory) / str(step) / CONFIG).exists():
     return None
   return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+
+def warn_config_changes(saved: dict | None, config) -> list[str]:
+  """Logs (and returns) the config fields that differ from those saved with a checkpoint,
+  e.g. a resumed run given another batch size."""
+  if saved is None:
+    return []
+  before = flatten_names(saved)
+  after = flatten_names(json.loads(config.to_json()))
+  changes = [f"{k}: {before.get(k, '<absent>')!r} -> {after.get(k, '<absent>')!r}"
+             for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+  if changes:
+    logging.warning("resuming with a config that differs from the checkpoint's:\n  %s",
+                    "\n  ".join(changes))
+  return changes
 
 
 def abstract_with_shardings(tree, shardings):
@@ -282,3 +302,19 @@ def load_pretrained_params(init_from: str, target_params, *,
   report = InitReport(str(state_dir), tuple(loaded), tuple(new), tuple(mismatched), tuple(dropped))
   logging.info("%s", report.summary())
   return jax.tree.unflatten(treedef, leaves), report
+
+
+def log_init_report(report: InitReport, workdir: str | None = None) -> None:
+  """Logs the report (counts at WARNING, every name at INFO) and, given a workdir, writes
+  it to `WORKDIR/init_from.json`."""
+  logging.warning("init_from %s: %d parameters loaded, %d newly initialised%s, %d dropped%s",
+                  report.source, len(report.loaded), len(report.newly_initialised),
+                  f" ({', '.join(report.newly_initialised[:8])}{', ...' if len(report.newly_initialised) > 8 else ''})"
+                  if report.newly_initialised else "", len(report.dropped),
+                  f" ({', '.join(report.dropped[:8])}{', ...' if len(report.dropped) > 8 else ''})"
+                  if report.dropped else "")
+  if workdir is not None and jax.process_index() == 0:
+    path = os.path.join(workdir, "init_from.json")
+    with open(path, "w") as f:
+      json.dump(report.to_dict(), f, indent=2)
+    logging.info("wrote %s", path)

@@ -24,6 +24,7 @@ from mmelectra import electra
 from mmelectra import flops
 from mmelectra import objectives
 from mmelectra import optim
+from mmelectra import preemption
 from mmelectra import sharding
 from mmelectra.data import pipeline
 from mmelectra.data import bad_records
@@ -101,6 +102,10 @@ def init_state(setup: Setup, seed: int) -> dict:
         jax.random.key(seed))
 
 
+# Per-step flag in the step's metric sums: 1 if its loss or gradients were not finite.
+NONFINITE = "nonfinite_step"
+
+
 def make_train_step(setup: Setup):
   """The one jitted step: generator, sampling, replacement, discriminator, five losses,
   gradients of every parameter and the optimizer update (with optional micro-batching)."""
@@ -132,11 +137,27 @@ def make_train_step(setup: Setup):
       zero_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g: g / accum, grads)
+    if config.debug_nan_steps:
+      # Test switch: poison the gradients of the listed (0-based) steps.
+      poison = jnp.isin(state["step"], jnp.asarray(config.debug_nan_steps, jnp.int32))
+      grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
     sums = dict(sums)
-    sums["grad_norm"] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
+    grad_norm = optax.tree.norm(grads)
+    sums["grad_norm"] = (grad_norm, jnp.ones((), jnp.float32))
     sums["learning_rate"] = (setup.schedule(state["step"]), jnp.ones((), jnp.float32))
+    # A non-finite loss or gradient must not reach the parameters or the Adam moments:
+    # keep the old ones (the step counter still advances, as does the data), and leave
+    # the step out of the logged averages. The loop counts these steps and stops a run
+    # that produces `max_nonfinite_steps` of them in a row.
+    finite = jnp.isfinite(grad_norm)
+    if "loss" in sums:
+      finite &= jnp.isfinite(sums["loss"][0])
+    new_params, opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                   (new_params, opt), (params, state["opt"]))
+    sums = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sums)
+    sums[NONFINITE] = (jnp.logical_not(finite).astype(jnp.float32), jnp.ones((), jnp.float32))
     return {"step": state["step"] + 1, "params": new_params, "opt": opt}, sums
 
   batch_sh = sharding.batch_sharding(setup.mesh)
@@ -173,15 +194,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   setup = build(config, special_ids)
   mesh = setup.mesh
 
-  manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep)
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info("resuming from %s step %d", checkpoint.checkpoint_dir(workdir), latest)
-    state = checkpoint.restore(manager, latest, setup.abstract_state)
-  else:
-    state = init_state(setup, config.seed)
-  start_step = int(jax.device_get(state["step"]))
-
   train_step = make_train_step(setup)
   # MFU: the analytic FLOPs of a step over the measured step rate (mmelectra/flops.py).
   step_flops, peak_flops = flops.train_step_flops(config), flops.peak_flops_per_device()
@@ -189,23 +201,68 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data_iter = pipeline.make_iterator(
       config.data, "train", batch_size=local_batch, seed=config.seed, shuffle=True,
       process_index=jax.process_index(), process_count=jax.process_count())
-  # Until the data iterator's state is checkpointed (see the checkpoint issue), a resumed
-  # run skips the batches already consumed so it sees the same order.
-  for _ in range(start_step):
-    next(data_iter)
+
+  # Resume from the workdir's latest complete checkpoint: state straight into this mesh's
+  # shardings (the shapes are checked against the config first, before any compile), and
+  # the input iterator where it stood, so the run reads what an uninterrupted one would.
+  # The step's rng is fold_in(seed, step): nothing else to restore.
+  manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep,
+                                    config.keep_checkpoint_every or None)
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s step %d", checkpoint.checkpoint_dir(workdir), latest)
+    checkpoint.warn_config_changes(checkpoint.restore_config(manager, latest), config)
+    state = checkpoint.restore(manager, latest, setup.abstract_state)
+    checkpoint.restore_data_iterator(manager, latest, data_iter)
+  else:
+    state = init_state(setup, config.seed)
+    if config.init_from:
+      params, report = checkpoint.load_pretrained_params(config.init_from, state["params"])
+      state["params"] = params
+      checkpoint.log_init_report(report, workdir)
+  start_step = int(jax.device_get(state["step"]))
   # Under on_bad_record="skip": counts of dropped records, logged and in the metrics.
   skips = bad_records.SkipCounter(pipeline.build_report(config.data)["counts"])
 
   writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=start_step)
   window, last = [], {}
   t_window, n_window = None, 0
+  nonfinite_in_a_row, nonfinite_total, pending_flag = 0, 0, None
   step = start_step
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+
+  def save(step):
+    checkpoint.save(manager, step, state, data_iter=data_iter, config=config)
+
+  def finish():
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules), \
+      preemption.PreemptionWatcher() as preempt:
     while step < config.total_steps:
       batch = to_global(skips.take(next(data_iter)), mesh)
       state, sums = train_step(state, batch)
       step += 1
       window.append(sums)
+      # The previous step's non-finite flag: reading it now keeps one step in flight.
+      if pending_flag is not None and float(jax.device_get(pending_flag)) > 0:
+        nonfinite_in_a_row += 1
+        nonfinite_total += 1
+        logging.warning("step %d: non-finite loss or gradients; parameters left unchanged "
+                        "(%d in a row, %d in this run)", step - 1, nonfinite_in_a_row,
+                        nonfinite_total)
+        if nonfinite_in_a_row >= config.max_nonfinite_steps > 0:
+          finish()
+          raise FloatingPointError(
+              f"stopping: {nonfinite_in_a_row} training steps in a row (up to step {step - 1}) had "
+              f"a non-finite loss or gradients (config.max_nonfinite_steps="
+              f"{config.max_nonfinite_steps}). The parameters are those of the last finite step; "
+              f"the last checkpoint is {manager.latest_step()} in {checkpoint.checkpoint_dir(workdir)}. "
+              "Lower the learning rate or check the data, then rerun to resume.")
+      elif pending_flag is not None:
+        nonfinite_in_a_row = 0
+      pending_flag = sums[NONFINITE][0]
       if t_window is None:
         # The first step includes compilation: time throughput from its end.
         jax.block_until_ready(state["step"])
@@ -217,7 +274,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         total = None
         for s in host:
           total = electra.add_metric_sums(total, s)
+        nonfinite = float(total.pop(NONFINITE)[0])
         metrics = electra.finalize_metrics(total)
+        metrics["nonfinite_steps"] = nonfinite  # in this logging window
         elapsed = time.perf_counter() - t_window
         if n_window > 0:
           metrics["examples_per_sec"] = n_window * config.batch_size / elapsed
@@ -228,9 +287,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last = metrics
         window, t_window, n_window = [], time.perf_counter(), 0
       writer.advance(step, last)
+      if preempt.reached(step, manager):
+        save(step)
+        finish()
+        logging.warning("preempted: saved step %d in %s; rerun the same command to resume",
+                        step, checkpoint.checkpoint_dir(workdir))
+        return last
       if step % config.checkpoint_every == 0 or step == config.total_steps:
-        checkpoint.save(manager, step, state)
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+        save(step)
+  finish()
   return last

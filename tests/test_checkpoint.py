@@ -107,3 +107,76 @@ def test_plain_orbax_lists_and_restores_the_items(tmp_path):
   assert _leaves_equal(restored["state"]["params"], state["params"])
   assert int(restored["state"]["step"]) == int(state["step"])
   assert restored["config"]["model"]["hidden_size"] == 32
+
+
+MESH_CHILD = """
+import jax, numpy as np, sys
+sys.path.insert(0, "tests")
+from conftest import SPECIAL_IDS, micro_config
+from mmelectra import checkpoint, train
+assert len(jax.devices()) == 8
+workdir = sys.argv[1]
+
+def setup_for(data, fsdp, model, **overrides):
+  return train.build(micro_config(objective="mlm", **{"mesh.data": data, "mesh.fsdp": fsdp,
+                                                     "mesh.model": model}, **overrides), SPECIAL_IDS)
+
+saver = setup_for(8, 1, 1)
+rng = np.random.default_rng(0)
+state = jax.tree.map(lambda a: jax.device_put(rng.normal(size=a.shape).astype(a.dtype), a.sharding),
+                     saver.abstract_state)
+manager = checkpoint.make_manager(workdir)
+checkpoint.save(manager, 1, state)
+manager.wait_until_finished()
+loader = setup_for(2, 2, 2)
+restored = checkpoint.restore(manager, 1, loader.abstract_state)
+resharded = 0
+for a, b, want in zip(jax.tree.leaves(state), jax.tree.leaves(restored), jax.tree.leaves(loader.abstract_state)):
+  assert np.array_equal(np.asarray(a), np.asarray(b))
+  assert b.sharding == want.sharding, (b.sharding, want.sharding)
+  resharded += not b.sharding.is_fully_replicated
+assert dict(restored["params"]["encoder"]["l_layer_0"]["ffn"]["intermediate"]["kernel"].sharding.mesh.shape) \\
+    == {"data": 2, "fsdp": 2, "model": 2}
+assert resharded > 10, resharded
+for kwargs, message in ((dict(data=3, fsdp=1, model=1), "needs 3 devices, 8 are available"),
+                        (dict(data=-1, fsdp=3, model=1), "8 devices are not divisible"),
+                        (dict(data=8, fsdp=1, model=1, batch_size=12), "batch_size=12 must be divisible")):
+  overrides = {"batch_size": kwargs.pop("batch_size")} if "batch_size" in kwargs else {}
+  try:
+    setup_for(**kwargs, **overrides)
+  except ValueError as e:
+    assert message in str(e), (message, str(e))
+  else:
+    raise AssertionError(f"no error for {kwargs}")
+print("MESH_OK")
+"""
+
+
+def test_restore_onto_another_mesh_and_mesh_errors(tmp_path):
+  """Saved on an (8, 1, 1) mesh of 8 devices, restored onto (2, 2, 2): same values, new
+  shardings. Meshes that do not fit the devices and batches that do not split fail in
+  `build`, before any compile."""
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", MESH_CHILD, str(tmp_path)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "MESH_OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_unknown_config_key_is_an_error_naming_it():
+  from absl import flags
+  from ml_collections import config_flags
+
+  from configs import pretrain
+  from conftest import ROOT
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  with pytest.raises(flags.UnrecognizedFlagError, match="config.checkpoint_evry"):
+    fv(["mmelectra", f"--config={ROOT}/configs/pretrain.py:size=tiny", "--config.checkpoint_evry=5"])
+  config = pretrain.get_config("size=tiny")
+  assert (config.keep_checkpoint_every, config.init_from, config.max_nonfinite_steps,
+          config.debug_nan_steps) == (0, "", 20, ())
