@@ -138,11 +138,13 @@ def finish(builder) -> None:
   tokenizer_lib.save(tokenizer, directory)
 
 
-def prepare(make_builder, data_cfg):
+def prepare(make_builder, data_cfg, after_build=None):
   """Builds the data set if missing (cheap when it exists); returns the builder.
 
-  As for synthetic scenes, several processes may race on one directory: TFDS builds in a
-  temporary directory and renames it, and the rename of every process but the first fails.
+  `after_build(builder)` (default `finish`) writes the side files; it runs whether or not
+  this call built anything. Written for any local builder (synthetic_scenes.prepare does
+  the same): several processes may race on one directory; TFDS builds in a temporary
+  directory and renames it, and the rename of every process but the first fails.
   """
   builder = make_builder(data_cfg)
   download_config = tfds.download.DownloadConfig(try_download_gcs=False,
@@ -153,5 +155,5 @@ def prepare(make_builder, data_cfg):
     builder = make_builder(data_cfg)
     if not builder.is_prepared():
       raise
-  finish(builder)  # The hook does not run when the data already existed.
+  (after_build or finish)(builder)  # The build hook does not run when the data existed.
   return builder
