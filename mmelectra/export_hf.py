@@ -22,6 +22,7 @@ need them, so the rest of mmelectra never pays for them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -235,6 +236,25 @@ def _flat_head_params(tree, prefix: str) -> dict[str, np.ndarray]:
   return out
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+  """transformers prints a load report table and progress bars; keep the console to ours.
+
+  (Loading checks keys itself: see `load_hf_models`.)
+  """
+  from transformers.utils import logging as hf_logging
+
+  verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+  hf_logging.set_verbosity_error()
+  hf_logging.disable_progress_bar()
+  try:
+    yield
+  finally:
+    hf_logging.set_verbosity(verbosity)
+    if bars:
+      hf_logging.enable_progress_bar()
+
+
 # --- configs -------------------------------------------------------------------------
 def hf_config_from(cfg: model_lib.ModelConfig, pad_token_id: int = 0):
   """The `LxmertConfig` of mmelectra's deployed model."""
@@ -326,6 +346,10 @@ def _model_card(config, cfg: model_lib.ModelConfig, step: int, untrained: list[s
         f"feature is the patch's pixels flattened in (row, column, RGB) order, "
         f"{cfg.visual_feat_dim} values, each `(pixel / 255 - {regions_lib.PIXEL_MEAN}) / "
         f"{regions_lib.PIXEL_STD}`; the box is the patch's grid cell.")
+  elif d.regions == "features":
+    regions_text = (
+        f"precomputed detector features ({d.name}): up to {regions_lib.num_regions(d)} regions of "
+        f"{cfg.visual_feat_dim} values each, as stored in the data set (no normalisation added).")
   else:
     regions_text = (
         f"object crops: one region per object (at most {regions_lib.num_regions(d)}), its box's "
@@ -361,9 +385,6 @@ vocabulary {cfg.vocab_size}, visual features {cfg.visual_feat_dim}.
 `language_output`, `vision_output`, `pooled_output` as mmelectra's encoder. Image-text matching:
 `LxmertForPreTraining(...).cross_relationship_score` (index 1 = the text matches the image).
 {lm}
-
-Parity with the JAX model was checked at export (`mmelectra export --verify`): max abs
-difference below {PARITY_BOUND:g} in float32 on every output.
 """
 
 
@@ -390,9 +411,10 @@ def export(params, config, tokenizer, out_dir: str, *, step: int = 0, export_hea
   with torch.device("meta"):
     # Built on the meta device (no weight init) and filled by assign: exact copies.
     hf_model = transformers.LxmertForPreTraining(hf_config)
-  hf_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True, assign=True)
+  hf_model.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=True, assign=True)
   hf_model.tie_weights()
-  hf_model.save_pretrained(out_dir)
+  with _quiet_transformers():
+    hf_model.save_pretrained(out_dir)
   save_hf_tokenizer(tokenizer, out_dir, config.data.max_text_len)
   written = {"step": int(step), "objective": config.objective, "untrained_keys": untrained,
              "regions": config.data.regions, "max_text_len": config.data.max_text_len}
@@ -456,7 +478,8 @@ def load_hf_models(hf_dir: str):
 
   models = []
   for cls in (transformers.LxmertModel, transformers.LxmertForPreTraining):
-    m, info = cls.from_pretrained(hf_dir, output_loading_info=True)
+    with _quiet_transformers():
+      m, info = cls.from_pretrained(hf_dir, output_loading_info=True)
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith("cls.")]
     if info["missing_keys"] or unexpected or info["mismatched_keys"]:
       raise ValueError(f"{cls.__name__} from {hf_dir}: missing {sorted(info['missing_keys'])}, "
@@ -505,8 +528,11 @@ def parity_failures(diffs: dict, bound: float = PARITY_BOUND) -> list[str]:
           if not v <= bound]  # `not <=` also catches NaN
 
 
+OUTPUTS = ("language_output", "vision_output", "pooled_output", "itm_logits")
+
+
 def format_diffs(diffs: dict) -> str:
-  outs = list(next(iter(diffs.values())))
+  outs = [o for o in OUTPUTS if o in next(iter(diffs.values()))]
   width = max(len(n) for n in diffs)
   lines = [f"{'inputs':<{width}}  " + "  ".join(f"{o:>15}" for o in outs)]
   lines += [f"{n:<{width}}  " + "  ".join(f"{d[o]:>15.3e}" for o in outs) for n, d in diffs.items()]
@@ -551,6 +577,10 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, check
   if failures:
     raise RuntimeError(f"parity check failed (bound {PARITY_BOUND:g}): {', '.join(failures)}\n"
                        + format_diffs(diffs))
+  with open(os.path.join(out_dir, "README.md"), "a") as f:
+    f.write(f"\n## Parity\n`mmelectra export --verify`: max abs difference, JAX vs this PyTorch "
+            f"model, float32, {num_examples} random and {num_examples} validation examples with "
+            f"padded text and regions (bound {PARITY_BOUND:g}):\n\n```\n{format_diffs(diffs)}\n```\n")
   return step, diffs
 
 
@@ -561,15 +591,15 @@ def import_config(hf_config, base_config) -> ml_collections.ConfigDict:
   The data fields are kept as they are; `visual_feat_dim` comes from the weights, so a run
   whose data gives another feature width fails `config_lib.finalize` with a clear message.
   """
+  from mmelectra.data import datasets
   from mmelectra.data import regions as regions_lib
-  from mmelectra.data import synthetic_scenes
 
   config = ml_collections.ConfigDict(base_config.to_dict())
   config.model.update(model_fields_from_hf(hf_config))
   if config.model.num_regions == -1:
     config.model.num_regions = regions_lib.num_regions(config.data)
   if config.model.num_object_classes == -1:
-    config.model.num_object_classes = synthetic_scenes.NUM_CLASSES
+    config.model.num_object_classes = datasets.num_object_classes(config.data)
   if config.data.max_text_len > config.model.max_position:
     config.data.max_text_len = config.model.max_position
   config.lock()
@@ -602,7 +632,8 @@ def import_hf(hf_dir: str, workdir: str, base_config=None, seed: int = 0) -> dic
   from mmelectra import config_lib
   from mmelectra import train
 
-  hf_model, info = transformers.LxmertForPreTraining.from_pretrained(hf_dir, output_loading_info=True)
+  with _quiet_transformers():
+    hf_model, info = transformers.LxmertForPreTraining.from_pretrained(hf_dir, output_loading_info=True)
   absent = set(info["missing_keys"]) | set(info["mismatched_keys"])
   sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items() if k not in absent}
   config = import_config(hf_model.config, base_config or pretrain.get_config())
@@ -629,7 +660,7 @@ def import_hf(hf_dir: str, workdir: str, base_config=None, seed: int = 0) -> dic
   os.makedirs(workdir, exist_ok=True)
   config_lib.save(config, workdir)
   manager = checkpoint.make_manager(workdir)
-  checkpoint.save(manager, 0, state, force=True)
+  checkpoint.save(manager, 0, state, force=True, config=config)
   manager.wait_until_finished()
   manager.close()
   tok_dir = os.path.join(workdir, "tokenizer")

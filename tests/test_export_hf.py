@@ -216,6 +216,10 @@ def test_import_reproduces_hf_and_round_trip_is_exact(restored, tmp_path):
   diffs = export_hf.max_abs_diffs(export_hf.jax_outputs(setup2.model, state["params"], batch),
                                   export_hf.hf_outputs(hf.lxmert, hf, batch), batch)
   assert not export_hf.parity_failures({"random": diffs}), diffs
+  # A new run can start from it with init_from: every encoder parameter comes across.
+  params, report = checkpoint.load_pretrained_params(workdir, jax.device_get(state["params"]))
+  assert not report.new and not report.mismatched
+  assert set(summary["loaded"]) <= set(report.loaded)
   # export(import(x)) == x: every tensor of the original that mmelectra keeps, bit for bit.
   out = str(tmp_path / "hf_out")
   export_hf.export_workdir(workdir, out)
