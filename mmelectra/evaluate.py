@@ -73,35 +73,53 @@ def evaluate_params(setup: train.Setup, params, split: str, num_batches: int = -
   return metrics
 
 
-def read_pool(data_cfg, split: str, size: int) -> dict[str, np.ndarray]:
-  """The first `size` examples of `split` (fewer if the split is smaller), in record order.
+def read_pool(data_cfg, split: str, size: int) -> tuple[dict, dict, np.ndarray]:
+  """(texts, images, text_to_image) of the split's first `size` distinct images, in order.
 
+  Every caption of those images is a text (corpora with several captions per image give
+  several examples with one image_id); `text_to_image[t]` is text t's row in `images`.
   Every process reads the same pool: scoring shards the pairs, not the pool.
   """
-  chunks, have = [], 0
+  chunks = []
+  seen: dict[int, int] = {}
   data = pipeline.make_iterator(data_cfg, split, batch_size=min(size, 256), seed=0, shuffle=False,
                                 num_epochs=1, drop_remainder=False)
   for batch in data:
-    keep = batch["example_mask"]
+    keep = batch["example_mask"].astype(bool)
     chunks.append({k: v[keep] for k, v in batch.items()})
-    have += int(keep.sum())
-    if have >= size:
-      break
+    for image_id in batch["image_id"][keep]:
+      if int(image_id) not in seen and len(seen) < size:
+        seen[int(image_id)] = len(seen)
+    if len(seen) >= size and int(batch["image_id"][keep][-1]) not in seen:
+      break  # past the pool's last image (captions of one image are consecutive)
   if not chunks:
     raise ValueError(f"split {split!r} of {data_cfg.name} yielded no example")
-  return {k: np.concatenate([c[k] for c in chunks])[:size] for k in chunks[0]}
+  examples = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  in_pool = np.array([int(i) in seen for i in examples["image_id"]])
+  texts = {k: v[in_pool] for k, v in examples.items()}
+  text_to_image = np.array([seen[int(i)] for i in texts["image_id"]], np.int64)
+  first = np.array([np.flatnonzero(text_to_image == j)[0] for j in range(len(seen))])
+  images = {k: v[first] for k, v in texts.items()}
+  return texts, images, text_to_image
 
 
 def zero_shot_retrieval(setup: train.Setup, params, split: str, pool_size: int,
                         pairs_per_call: int = DEFAULT_RETRIEVAL_PAIRS_PER_CALL, scorer=None) -> dict:
-  """t2i/i2t R@1/5/10 over the split's first `pool_size` image-caption pairs."""
-  pool = read_pool(setup.config.data, split, pool_size)
-  scorer = scorer or retrieval.make_block_scorer(setup.model, setup.mesh, setup.rules)
-  scores = retrieval.score_all_pairs(
-      scorer, model_lib.deployed_params(params), pool, pool, pairs_per_call,
-      dp=sharding.data_parallel_size(setup.mesh))
-  metrics = retrieval.retrieval_metrics(scores, np.arange(len(scores)))
-  metrics["retrieval_pool"] = len(scores)
+  """t2i/i2t R@1/5/10 over the split's first `pool_size` images and their captions."""
+  return pool_retrieval(setup.model, setup.mesh, setup.rules, params, setup.config.data, split,
+                        pool_size, pairs_per_call, scorer)
+
+
+def pool_retrieval(model, mesh, rules, params, data_cfg, split: str, pool_size: int,
+                   pairs_per_call: int, scorer=None) -> dict:
+  """Retrieval metrics of `params` (any tree holding the deployed parameters)."""
+  texts, images, text_to_image = read_pool(data_cfg, split, pool_size)
+  scorer = scorer or retrieval.make_block_scorer(model, mesh, rules)
+  scores = retrieval.score_all_pairs(scorer, model_lib.deployed_params(params), texts, images,
+                                     pairs_per_call, dp=sharding.data_parallel_size(mesh))
+  metrics = retrieval.retrieval_metrics(scores, text_to_image)
+  metrics["retrieval_pool"] = len(images["image_id"])
+  metrics["retrieval_texts"] = len(text_to_image)
   return metrics
 
 
@@ -289,5 +307,15 @@ def watch_workdir(workdir: str, split: str | None = None, poll_seconds: float = 
 def format_table(metrics: dict) -> str:
   rows = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
   width = max(len(k) for k, _ in rows)
-  return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-                   for k, v in rows)
+  table = "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                    for k, v in rows)
+  return table + ("\n" + retrieval_summary(metrics) if "t2i_r1" in metrics else "")
+
+
+def retrieval_summary(metrics: dict) -> str:
+  """One line of zero-shot retrieval figures with the chance level for comparison."""
+  def recalls(prefix):
+    return "/".join(f"{metrics[f'{prefix}_r{k}']:.3f}" for k in retrieval.KS)
+  pool = int(metrics["retrieval_pool"])
+  return (f"zero-shot retrieval over {pool} images (ITM head): text->image R@1/5/10 "
+          f"{recalls('t2i')}, image->text R@1/5/10 {recalls('i2t')} (chance R@1 {1 / pool:.3f})")

@@ -40,7 +40,6 @@ from mmelectra import electra
 from mmelectra import evaluate
 from mmelectra import model as model_lib
 from mmelectra import optim
-from mmelectra import retrieval
 from mmelectra import sharding
 from mmelectra import train
 from mmelectra.data import pipeline
@@ -187,7 +186,8 @@ def vqa_losses(task: Task, params, batch, rng, deterministic: bool = False):
 def mine_hard_negatives(task: Task, params, batch, rng, num_candidates: int):
   """(hardest negative image of each text, of each image the hardest negative text,
   whether each has one), among `num_candidates` in-batch candidates, by the current
-  ITM scores (no gradient). Texts identical to the positive's are no negatives."""
+  ITM scores (no gradient). A text identical to the positive's, or a caption of the same
+  image (corpora with several captions per image), is no negative."""
   b = batch["text_ids"].shape[0]
   k = min(num_candidates, b - 1)
   shifts = 1 + jax.random.permutation(rng, b - 1)[:k]
@@ -200,6 +200,8 @@ def mine_hard_negatives(task: Task, params, batch, rng, num_candidates: int):
   valid = batch["example_mask"].astype(bool)
   same_text = jnp.all(batch["text_ids"][:, None, :] == batch["text_ids"][cand_img], axis=-1)
   ok = valid[:, None] & valid[cand_img] & ~same_text
+  if "image_id" in batch:
+    ok &= batch["image_id"][:, None] != batch["image_id"][cand_img]
   scores = jnp.where(ok, scores, -jnp.inf)
   hard_img = jnp.take_along_axis(cand_img, jnp.argmax(scores, 1)[:, None], 1)[:, 0]
   # The same scores seen from the image side: image m met text (m - s) % B.
@@ -309,14 +311,9 @@ def evaluate_vqa(task: Task, params, examples, source, split: str) -> dict:
 
 
 def evaluate_retrieval(task: Task, params, split: str) -> dict:
-  pool = evaluate.read_pool(task.pre_config.data, split, task.config.eval.retrieval_pool)
-  scorer = retrieval.make_block_scorer(task.model, task.mesh, task.rules)
-  scores = retrieval.score_all_pairs(scorer, _backbone(params), pool, pool,
-                                     task.config.eval.retrieval_pairs_per_call,
-                                     dp=sharding.data_parallel_size(task.mesh))
-  metrics = retrieval.retrieval_metrics(scores, np.arange(len(scores)))
-  metrics["retrieval_pool"] = len(scores)
-  return metrics
+  return evaluate.pool_retrieval(task.model, task.mesh, task.rules, params, task.pre_config.data,
+                                 split, task.config.eval.retrieval_pool,
+                                 task.config.eval.retrieval_pairs_per_call)
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -408,5 +405,6 @@ def finetune(config, workdir: str) -> dict:
 
 _TRAIN_KEYS = {
     "vqa": vqa_data.VQA_KEYS,
-    "retrieval": ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask", "example_mask"),
+    "retrieval": ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask", "image_id",
+                  "example_mask"),
 }
