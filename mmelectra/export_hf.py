@@ -567,12 +567,17 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, check
   if not check:
     return step, None
   special = tokenizer_lib.special_token_ids(tokenizer)
+  # The bound is for float32: check the same weights with float32 compute whatever the
+  # run's compute dtype (a bfloat16 run's own outputs differ by bfloat16 rounding).
+  cfg = setup.model.cfg
+  model_fp32 = model_lib.MMElectra(dataclasses.replace(
+      cfg, encoder=dataclasses.replace(cfg.encoder, dtype=jnp.float32)))
   batches = {
       "random": random_inputs(setup.model.cfg, special, num_examples, config.data.max_text_len,
                               config.model.num_regions, seed=config.seed),
       "validation": validation_batch(config, num_examples),
   }
-  diffs = verify(out_dir, setup.model, params, batches)
+  diffs = verify(out_dir, model_fp32, params, batches)
   failures = parity_failures(diffs)
   if failures:
     raise RuntimeError(f"parity check failed (bound {PARITY_BOUND:g}): {', '.join(failures)}\n"
