@@ -77,7 +77,7 @@ def get_config(arg=None):
   c.keep_checkpoint_every = 0  # > 0: also keep every checkpoint whose step it divides, forever
   c.init_from = ""  # a run's workdir or step dir: start from its parameters (only), by name
   c.max_nonfinite_steps = 20  # stop after this many non-finite steps in a row (0: never)
-  c.debug_nan_steps = ()  # tests: (0-based) steps whose gradients are made NaN
+  c.debug_nan_steps = ""  # tests: comma-separated 0-based steps whose gradients become NaN
   c.grad_accum_steps = 1
 
   # The method (METHOD.md decisions 4-8).

@@ -139,7 +139,8 @@ def make_train_step(setup: Setup):
       grads = jax.tree.map(lambda g: g / accum, grads)
     if config.debug_nan_steps:
       # Test switch: poison the gradients of the listed (0-based) steps.
-      poison = jnp.isin(state["step"], jnp.asarray(config.debug_nan_steps, jnp.int32))
+      nan_steps = [int(s) for s in str(config.debug_nan_steps).split(",") if s.strip()]
+      poison = jnp.isin(state["step"], jnp.asarray(nan_steps, jnp.int32))
       grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)

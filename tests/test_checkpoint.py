@@ -95,6 +95,16 @@ def test_checkpoint_with_other_shapes_is_named_before_restore(tmp_path):
   manager.close()
 
 
+def test_keeps_the_last_k_and_every_mth_forever(tmp_path):
+  manager = checkpoint.make_manager(str(tmp_path), max_to_keep=2, keep_every=4)
+  state = {"step": np.int32(0), "params": {"w": np.ones((2, 3), np.float32)}}
+  for step in range(1, 10):
+    checkpoint.save(manager, step, dict(state, step=np.int32(step)))
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [4, 8, 9]
+  manager.close()
+
+
 def test_plain_orbax_lists_and_restores_the_items(tmp_path):
   setup, state = _state("mlm")
   _save(tmp_path, 2, state, setup.config)
@@ -167,16 +177,23 @@ def test_restore_onto_another_mesh_and_mesh_errors(tmp_path):
   assert out.returncode == 0 and "MESH_OK" in out.stdout, out.stderr[-3000:]
 
 
-def test_unknown_config_key_is_an_error_naming_it():
+def _parse_cli_config(argv):
   from absl import flags
   from ml_collections import config_flags
-
-  from configs import pretrain
-  from conftest import ROOT
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-  with pytest.raises(flags.UnrecognizedFlagError, match="config.checkpoint_evry"):
-    fv(["mmelectra", f"--config={ROOT}/configs/pretrain.py:size=tiny", "--config.checkpoint_evry=5"])
-  config = pretrain.get_config("size=tiny")
-  assert (config.keep_checkpoint_every, config.init_from, config.max_nonfinite_steps,
-          config.debug_nan_steps) == (0, "", 20, ())
+  # Overrides are read from sys_argv (sys.argv in the real CLI), as `mmelectra train` does.
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                           sys_argv=argv)
+  fv(argv)
+  return holder.value
+
+
+def test_unknown_config_key_is_an_error_naming_it():
+  from conftest import ROOT
+  base = ["mmelectra", f"--config={ROOT}/configs/pretrain.py:size=tiny"]
+  config = _parse_cli_config(base + ["--config.init_from=runs/x", "--config.keep_checkpoint_every=5",
+                                     "--config.max_nonfinite_steps=3", "--config.debug_nan_steps=4,6"])
+  assert (config.init_from, config.keep_checkpoint_every, config.max_nonfinite_steps,
+          config.debug_nan_steps) == ("runs/x", 5, 3, "4,6")
+  with pytest.raises(Exception, match="checkpoint_evry"):
+    _parse_cli_config(base + ["--config.checkpoint_evry=5"])

@@ -70,7 +70,7 @@ def _run_config(data_dir, **overrides):
   c.data.update(data_dir=str(data_dir), image_size=32, num_train=40, num_validation=8,
                 num_test=8, seed=3, regions="patches", patch_size=16, max_text_len=16)
   c.update(batch_size=4, total_steps=TOTAL, log_every=1, checkpoint_every=EVERY,
-           max_checkpoints_to_keep=None, debug_nan_steps=NAN_STEPS)
+           max_checkpoints_to_keep=None, debug_nan_steps=",".join(map(str, NAN_STEPS)))
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -188,3 +188,43 @@ def test_nonfinite_steps_in_a_row_stop_the_run(data_dir, tmp_path):
                                                     jax.tree.leaves({k: b[k] for k in ("params", "opt")})))
   assert same(states[4], states[5]) and same(states[6], states[7]) and same(states[6], states[8])
   assert not same(states[5], states[6])
+
+
+MULTIHOST_CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id,
+                               local_device_ids=[0])
+    from mmelectra import checkpoint, preemption
+    manager = checkpoint.make_manager(workdir)
+    with preemption.PreemptionWatcher() as watch:
+      for step in range(1, 600):
+        if step == 5 and process_id == 1:
+          os.kill(os.getpid(), signal.SIGTERM)  # only one host gets the notice
+        if watch.reached(step, manager):
+          print(f"SAVE_AT {step}", flush=True)
+          break
+        time.sleep(0.02)  # a train step
+    manager.close()
+""")
+
+
+def test_sigterm_to_one_host_makes_every_host_save_the_same_step(tmp_path):
+  """Two processes (jax.distributed, no compile): the loop's preemption check agrees on one
+  step across hosts, after the notice, and neither process dies of the signal."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST_CHILD, str(i), port, str(tmp_path)],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=240) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  steps = [int(out.split("SAVE_AT ")[1].split()[0]) for out, _ in outs]
+  assert steps[0] == steps[1] > 5, steps
