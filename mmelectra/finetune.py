@@ -363,7 +363,7 @@ def finetune(config, workdir: str) -> dict:
                                        batch_size=local_batch, seed=config.seed, shuffle=True, **shard)
 
   writer = MetricWriter(workdir, total_steps=config.total_steps)
-  window, t0 = [], None
+  window, t0, last = [], None, {}
   with jax.set_mesh(task.mesh), nn.logical_axis_rules(task.rules):
     for step in range(1, config.total_steps + 1):
       batch = next(data_iter)
@@ -381,8 +381,9 @@ def finetune(config, workdir: str) -> dict:
         if step > n0:
           metrics["examples_per_sec"] = (step - n0) * config.batch_size / (time.perf_counter() - t0)
         writer.write(step, metrics)
-        writer.advance(step, metrics)
+        last = metrics
         window = []
+      writer.advance(step, last)
   writer.close()
 
   manager = checkpoint.make_manager(workdir, max_to_keep=1)
