@@ -92,7 +92,8 @@ def check(config: ml_collections.ConfigDict, mesh: dict[str, int] | None = None,
   config = ml_collections.ConfigDict(config.to_dict())
   if mesh is not None:
     config.mesh.update(mesh)
-  config = config_lib.finalize(config)
+  if any(config.model[k] == -1 for k in ("visual_feat_dim", "num_regions", "num_object_classes")):
+    config = config_lib.finalize(config)  # fill the model fields the data config implies
   devices = None
   backend = "XLA:CPU"
   if topology:
