@@ -212,6 +212,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   latest = manager.latest_step()
   if latest is not None:
     logging.info("resuming from %s step %d", checkpoint.checkpoint_dir(workdir), latest)
+    if config.init_from:
+      logging.warning("resuming from step %d of this workdir; init_from=%s is not used",
+                      latest, config.init_from)
     checkpoint.warn_config_changes(checkpoint.restore_config(manager, latest), config)
     state = checkpoint.restore(manager, latest, setup.abstract_state)
     checkpoint.restore_data_iterator(manager, latest, data_iter)
