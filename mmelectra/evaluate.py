@@ -180,7 +180,7 @@ def _read_manager(workdir: str):
   directory = checkpoint.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint directory {directory}")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   return ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir), options=options)
 
 
