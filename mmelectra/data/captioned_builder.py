@@ -62,7 +62,7 @@ def manual_dir(data_cfg) -> str:
   return os.path.join(os.path.expanduser(os.fspath(data_cfg.data_dir)), "downloads", "manual")
 
 
-class CaptionedBuilder(tfds.core.GeneratorBasedBuilder):
+class CaptionedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the real-corpus builders: subclasses set `_info`, `_split_generators`, and
   call `self.tally.bad(...)` for each record they cannot store."""
 

@@ -101,7 +101,7 @@ def coco_splits(source_dir: str, tally) -> dict[str, list]:
   return splits
 
 
-class CocoCaptions(captioned_builder.CaptionedBuilder):
+class CocoCaptions(captioned_builder.CaptionedBuilder, skip_registration=True):
   """COCO captions; see the module docstring for the layout."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__

@@ -154,7 +154,7 @@ def parse_annotations(path: str, tally) -> dict[str, list]:
   return splits
 
 
-class ImageTextFolder(captioned_builder.CaptionedBuilder):
+class ImageTextFolder(captioned_builder.CaptionedBuilder, skip_registration=True):
   """Images + captions from a folder; see the module docstring for the layout."""
 
   def _info(self) -> tfds.core.DatasetInfo:

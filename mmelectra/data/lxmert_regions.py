@@ -159,7 +159,7 @@ def generate_region_records(source_dir: str, captions: dict, image_ids: dict,
               f"img_id {img_id} has captions but no row in the *.tsv files of {source_dir}")
 
 
-class LxmertRegions(captioned_builder.CaptionedBuilder):
+class LxmertRegions(captioned_builder.CaptionedBuilder, skip_registration=True):
   """Region features + captions in LXMERT's layout; see the module docstring."""
 
   def _info(self) -> tfds.core.DatasetInfo:

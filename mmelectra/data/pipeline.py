@@ -20,7 +20,7 @@ Real corpora store all of an image's captions in one record; with
 repeats), else each record gives one example with its first caption. Shuffling, sharding
 and epochs run over these examples.
 
-Sharding: process p reads records i with i % process_count == p. All processes must take
+Sharding: process p reads examples i with i % process_count == p. All processes must take
 the same number of steps, so shards are made equal: with drop_remainder the last
 `n % process_count` records are dropped; without it, short shards are padded with masked
 (example_mask False) examples. Shapes never change, so a jitted step never recompiles.
@@ -45,9 +45,6 @@ from mmelectra.data import datasets
 from mmelectra.data import images as images_lib
 from mmelectra.data import regions as regions_lib
 from mmelectra.data import tokenizer as tokenizer_lib
-
-BATCH_KEYS = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask",
-              "region_labels", "image_id", "example_mask")
 
 # Threads that assemble batches ahead of the consumer (in each worker process when
 # num_workers > 0). The work holds the GIL for much of the time, so more threads buy little.
