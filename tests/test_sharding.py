@@ -132,7 +132,7 @@ def eight_devices():
              PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
   code = "import test_sharding; test_sharding._worker()"
   proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=900)
+                        text=True, timeout=1800)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
   return json.loads(lines[-1][len("RESULT "):])
