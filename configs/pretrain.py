@@ -105,6 +105,9 @@ def get_config(arg=None):
       dtype="float32",  # compute dtype: float32 | bfloat16; parameters stay float32
       remat=False,
       generator_width_ratio=0.25,
+      # Tie all generator and discriminator encoder weights (ELECTRA sec. 3.2); the
+      # generator is then full width and generator_width_ratio is unused.
+      generator_tied=False,
       moc_mode=args.get("moc", "sample"),
       vocab_size=128,  # >= the tokenizer's size; 30522 for a BERT vocabulary
       max_position=512,

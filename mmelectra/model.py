@@ -358,6 +358,9 @@ class ModelConfig:
   visual_feat_dim: int
   moc_mode: str  # sample | regress | classify
   num_object_classes: int
+  # ELECTRA's "tie all weights": the generator runs the discriminator's own encoder (and
+  # so is full width) with its own MLM/MOC heads. See configs/pretrain.py.
+  generator_tied: bool = False
 
   def moc_out_dim(self) -> int:
     return {"sample": self.encoder.hidden_size, "regress": self.visual_feat_dim,
@@ -374,7 +377,10 @@ def model_config_from(config) -> ModelConfig:
       layer_norm_eps=m.layer_norm_eps, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, dtype=dtype, remat=m.remat)
   gen = None
-  if config.objective == "electra":
+  tied = config.objective == "electra" and bool(m.generator_tied)
+  if tied:
+    gen = enc
+  elif config.objective == "electra":
     width = max(int(round(m.hidden_size * m.generator_width_ratio)), 1)
     heads = max(int(round(m.num_heads * m.generator_width_ratio)), 1)
     if width % heads:
@@ -389,7 +395,7 @@ def model_config_from(config) -> ModelConfig:
   if m.moc_mode not in ("sample", "regress", "classify"):
     raise ValueError(f"model.moc_mode must be sample|regress|classify, got {m.moc_mode!r}")
   return ModelConfig(
-      encoder=enc, generator=gen, vocab_size=m.vocab_size, max_position=m.max_position,
+      encoder=enc, generator=gen, generator_tied=tied, vocab_size=m.vocab_size, max_position=m.max_position,
       type_vocab_size=m.type_vocab_size, visual_feat_dim=m.visual_feat_dim,
       moc_mode=m.moc_mode, num_object_classes=m.num_object_classes)
 
@@ -420,9 +426,10 @@ class MMElectra(nn.Module):
       gen = cfg.generator
       self.rtd_head = BinaryHead(enc)
       self.r2d_head = BinaryHead(enc)
-      self.generator_projection = _dense(gen.hidden_size, "embed", "hidden", gen.dtype,
-                                         "generator_projection")
-      self.generator = Encoder(gen)
+      if not cfg.generator_tied:
+        self.generator_projection = _dense(gen.hidden_size, "embed", "hidden", gen.dtype,
+                                           "generator_projection")
+        self.generator = Encoder(gen)
       self.generator_mlm_head = TiedMLMHead(gen, enc.hidden_size, cfg.vocab_size)
       self.generator_moc_head = MOCHead(gen, cfg.moc_mode, cfg.moc_out_dim())
 
@@ -455,8 +462,11 @@ class MMElectra(nn.Module):
     Gathering before the vocabulary projection keeps the head's cost at the masked 15%.
     """
     lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic)
-    lang, vis = self.generator_projection(lang), self.generator_projection(vis)
-    lang, vis = self.generator(lang, text_mask, vis, region_mask, deterministic)
+    if self.cfg.generator_tied:
+      lang, vis = self.encoder(lang, text_mask, vis, region_mask, deterministic)
+    else:
+      lang, vis = self.generator_projection(lang), self.generator_projection(vis)
+      lang, vis = self.generator(lang, text_mask, vis, region_mask, deterministic)
     lang_m, vis_m = gather(lang, text_positions), gather(vis, region_positions)
     return self.generator_mlm_head(lang_m, self.embeddings), self.generator_moc_head(vis_m)
 

@@ -62,6 +62,24 @@ def test_generator_reads_the_discriminators_embedding_arrays():
   assert float(jnp.abs(grads["encoder"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) == 0
 
 
+def test_tied_generator_runs_the_discriminators_encoder():
+  config = micro_config(**{"model.generator_tied": True})
+  params = nn.unbox(_boxed_params(config))
+  assert "generator" not in params and "generator_projection" not in params
+  # Its heads are its own, at full width.
+  assert params["generator_mlm_head"]["transform"]["kernel"].shape[0] == config.model.hidden_size
+  setup = train.build(config, SPECIAL_IDS)
+  state = train.init_state(setup, 0)
+  batch = jax.tree.map(jnp.asarray, random_batch(config))
+  ocfg = setup.ocfg
+  weights = dict(ocfg.weights, moc=0.0, r2d=0.0, rtd=0.0, itm=0.0)
+  ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
+  grads = jax.grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
+                                                       ocfg, True)[0])(state["params"])
+  # The generator's MLM loss alone now trains the shared encoder's layers.
+  assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) > 0
+
+
 def test_deployed_model_has_no_generator_or_discriminator_heads():
   params = nn.unbox(_boxed_params(micro_config()))
   kept = deployed_params(params)
