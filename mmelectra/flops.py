@@ -93,10 +93,14 @@ def train_step_flops(config) -> float:
   pool = (2 * k * dv * h + 2 * mr * b * k * h) if m.moc_mode == "sample" else 0.0
   itm = 2 * h * h + 2 * h * 2
   if config.objective == "electra":
-    g = max(int(round(h * m.generator_width_ratio)), 1)
-    gen = _Encoder(g, max(int(round(m.mlp_dim * m.generator_width_ratio)), 1),
-                   m.l_layers, m.r_layers, m.x_layers)
-    generator = embed + 2 * (t + k) * h * g + encoder_forward_flops(gen, t, k) + heads(g) + pool
+    if m.get("generator_tied", False):  # the discriminator's own encoder, no projection
+      g, gen, projection = h, disc, 0.0
+    else:
+      g = max(int(round(h * m.generator_width_ratio)), 1)
+      gen = _Encoder(g, max(int(round(m.mlp_dim * m.generator_width_ratio)), 1),
+                     m.l_layers, m.r_layers, m.x_layers)
+      projection = 2 * (t + k) * h * g
+    generator = embed + projection + encoder_forward_flops(gen, t, k) + heads(g) + pool
     binary_heads = 2 * (t + k) * (h * h + h)  # RTD and R2D
     discriminator = embed + encoder_forward_flops(disc, t, k) + binary_heads + itm
     forward = generator + discriminator

@@ -20,13 +20,14 @@ def _tiny(objective, moc, **model):
 
 # electra/sample is the full method; mlm the baseline. (regress and classify only change
 # the MOC head: 3.9% and 3.0% under XLA when checked.)
-@pytest.mark.parametrize("objective,moc", [("electra", "sample"), ("mlm", "sample")])
-def test_train_step_flops_match_xla_cost_analysis(objective, moc):
+@pytest.mark.parametrize("objective,moc,tied", [("electra", "sample", False), ("mlm", "sample", False),
+                                                ("electra", "sample", True)])
+def test_train_step_flops_match_xla_cost_analysis(objective, moc, tied):
   # The tiny config (128 wide, 2/2/2 layers, 16 patch regions of 768-d) at batch 16.
   # XLA's count is of the lowered step (before optimisation: counting the compiled one
   # costs a minute on 2 cores and moved the figures by <0.3% when checked); it includes
   # elementwise work that the analytic matmul count leaves out, so analytic <= XLA.
-  c = _tiny(objective, moc)
+  c = _tiny(objective, moc, generator_tied=tied)
   setup = train.build(c, SPECIAL_IDS)
   step = train.make_train_step(setup)
   lowered = step.lower(setup.abstract_state, train.to_global(random_batch(c), setup.mesh))
