@@ -170,9 +170,12 @@ def test_every_large_parameter_is_split(eight_devices, shape):
 
 def test_model_axis_splits_the_wide_matrices(eight_devices):
   split = eight_devices["meshes"]["(1, 1, 8)"]["split"]
-  for part in ("intermediate']['kernel", "['query']['kernel", "word_embeddings"):
+  for part in ("intermediate']['kernel", "word_embeddings"):  # mlp 64 and 32, vocab 40 over 8
     hits = [s for name, s in split.items() if part in name]
     assert hits and all(is_split for _, is_split in hits), (part, hits)
+  # 2 (and the generator's 1) heads do not divide model=8: replicated, not an error.
+  queries = [s for name, s in split.items() if "['query']['kernel" in name]
+  assert queries and not any(is_split for _, is_split in queries)
 
 
 def test_sharded_init_equals_one_device_init(eight_devices):
