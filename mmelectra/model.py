@@ -377,7 +377,8 @@ def model_config_from(config) -> ModelConfig:
       layer_norm_eps=m.layer_norm_eps, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, dtype=dtype, remat=m.remat)
   gen = None
-  tied = config.objective == "electra" and bool(m.generator_tied)
+  # .get: run configs saved before the option existed lack the field.
+  tied = config.objective == "electra" and bool(m.get("generator_tied", False))
   if tied:
     gen = enc
   elif config.objective == "electra":
