@@ -84,6 +84,10 @@ def get_config(arg=None):
   c.text_mask_rate = 0.15
   c.region_mask_rate = 0.15
   c.itm_negative_fraction = 0.5
+  # Which pair the ITM head reads: "corrupted" (the discriminator's input) or "masked"
+  # (the generator's input; only with model.generator_tied, where that pass runs the
+  # deployed encoder, as the mlm baseline's ITM does).
+  c.itm_input = "corrupted"
   c.text_temperature = 1.0
   c.region_temperature = 1.0
   c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=50.0, rtd=50.0, itm=1.0))

@@ -456,20 +456,27 @@ class MMElectra(nn.Module):
 
   # --- ELECTRA --------------------------------------------------------------------------
   def generate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
-               text_positions, region_positions, deterministic: bool):
+               text_positions, region_positions, deterministic: bool, with_itm: bool = False):
     """Generator predictions at the masked positions only.
 
-    Returns MLM logits `[B, Mt, V]` and the MOC output `[B, Mr, D]` (see `MOCHead`).
+    Returns MLM logits `[B, Mt, V]` and the MOC output `[B, Mr, D]` (see `MOCHead`), and
+    with `with_itm` (tied generator only: its encoder is the deployed fusion encoder) the
+    ITM logits `[B, 2]` of the masked pair.
     Gathering before the vocabulary projection keeps the head's cost at the masked 15%.
     """
     lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic)
     if self.cfg.generator_tied:
       lang, vis = self.encoder(lang, text_mask, vis, region_mask, deterministic)
     else:
+      if with_itm:
+        raise ValueError("ITM on the masked pair needs model.generator_tied=True")
       lang, vis = self.generator_projection(lang), self.generator_projection(vis)
       lang, vis = self.generator(lang, text_mask, vis, region_mask, deterministic)
     lang_m, vis_m = gather(lang, text_positions), gather(vis, region_positions)
-    return self.generator_mlm_head(lang_m, self.embeddings), self.generator_moc_head(vis_m)
+    out = (self.generator_mlm_head(lang_m, self.embeddings), self.generator_moc_head(vis_m))
+    if with_itm:
+      out += (self.itm_logits(self.pooler(lang)),)
+    return out
 
   def discriminate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
                    deterministic: bool):

@@ -34,6 +34,7 @@ class ObjectiveConfig:
   max_text_masked: int
   max_region_masked: int
   itm_negative_fraction: float
+  itm_input: str  # "corrupted" (the discriminator's pair) | "masked" (tied generator's pass)
   text_temperature: float
   region_temperature: float
   loss_weights: tuple[tuple[str, float], ...]
@@ -55,12 +56,23 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
       max_text_masked=electra.max_masked(text_len, config.text_mask_rate),
       max_region_masked=electra.max_masked(num_regions, config.region_mask_rate),
       itm_negative_fraction=config.itm_negative_fraction,
+      itm_input=_itm_input(config),
       text_temperature=config.text_temperature,
       region_temperature=config.region_temperature,
       loss_weights=tuple((k, float(config.loss_weights[k])) for k in electra.LOSS_NAMES),
       mask_id=int(special_token_ids["mask"]),
       special_ids=tuple(int(special_token_ids[k]) for k in ("cls", "sep", "pad")),
   )
+
+
+def _itm_input(config) -> str:
+  itm_input = config.get("itm_input", "corrupted")
+  if itm_input not in ("corrupted", "masked"):
+    raise ValueError(f"config.itm_input must be 'corrupted' or 'masked', got {itm_input!r}")
+  if itm_input == "masked" and config.objective == "electra" and not config.model.get("generator_tied", False):
+    raise ValueError("config.itm_input='masked' needs config.model.generator_tied=True: only then "
+                     "is the generator's encoder the deployed fusion encoder")
+  return itm_input
 
 
 @dataclasses.dataclass
@@ -171,10 +183,12 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   text_loss_w = x.text_weights * pair_w[:, None]
   region_loss_w = x.region_weights * pair_w[:, None]
 
-  mlm_logits, moc_out = model.apply(
+  itm_on_masked = ocfg.itm_input == "masked"
+  generated = model.apply(
       {"params": params}, x.masked_ids, x.text_mask, x.masked_feats, x.boxes, x.region_mask,
-      x.text_positions, x.region_positions, deterministic,
+      x.text_positions, x.region_positions, deterministic, itm_on_masked,
       method=MMElectra.generate, rngs={"dropout": rng_gen})
+  mlm_logits, moc_out = generated[:2]
   mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
   moc, moc_acc, moc_scores = _moc_terms(model, params, moc_out, x, region_loss_w, ocfg)
 
@@ -187,13 +201,14 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   rtd_labels = electra.replaced_tokens(x.text_ids, corrupted_ids, x.text_mask)
   r2d_labels = electra.replaced_regions(x.feats, corrupted_feats, x.region_mask)
 
-  rtd_logits, r2d_logits, itm_logits = model.apply(
+  rtd_logits, r2d_logits, disc_itm_logits = model.apply(
       {"params": params}, corrupted_ids, x.text_mask, corrupted_feats, x.boxes, x.region_mask, deterministic,
       method=MMElectra.discriminate, rngs={"dropout": rng_disc})
   text_w = x.text_mask * pair_w[:, None]
   region_w = x.region_mask * pair_w[:, None]
   rtd = electra.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = electra.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
+  itm_logits = generated[2] if itm_on_masked else disc_itm_logits
   itm_labels = x.matched.astype(jnp.int32)
   itm = electra.cross_entropy(itm_logits, itm_labels, x.example)
 

@@ -80,6 +80,35 @@ def test_tied_generator_runs_the_discriminators_encoder():
   assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) > 0
 
 
+def test_itm_on_the_masked_pair_needs_a_tied_generator_and_reads_its_pass():
+  import pytest
+  with pytest.raises(ValueError, match="generator_tied"):
+    objectives.objective_config_from(micro_config(itm_input="masked"), SPECIAL_IDS)
+  config = micro_config(itm_input="masked", **{"model.generator_tied": True})
+  setup = train.build(config, SPECIAL_IDS)
+  state = train.init_state(setup, 0)
+  batch = jax.tree.map(jnp.asarray, random_batch(config))
+  ocfg = setup.ocfg
+  assert ocfg.itm_input == "masked"
+  weights = dict(ocfg.weights, moc=0.0, mlm=0.0, r2d=0.0, rtd=0.0)
+  ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
+  loss_fn = lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0), ocfg, True)[0]
+  grads = jax.grad(loss_fn)(state["params"])
+  assert float(jnp.abs(grads["itm_head"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) > 0
+  # The ITM loss reads the masked pair: which tokens the generator writes back (here
+  # changed through the sampling temperature, same masks) does not change it, whereas
+  # the default ITM on the corrupted pair does change.
+  def itm_loss(ocfg, temperature):
+    ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "text_temperature": temperature,
+                                         "region_temperature": temperature})
+    sums = objectives.compute_losses(setup.model, state["params"], batch, jax.random.key(0), ocfg, True)[1]
+    return float(sums["itm_loss"][0])
+  assert itm_loss(ocfg, 0.01) == itm_loss(ocfg, 100.0)
+  corrupted = objectives.ObjectiveConfig(**{**ocfg.__dict__, "itm_input": "corrupted"})
+  assert itm_loss(corrupted, 0.01) != itm_loss(corrupted, 100.0)
+
+
 def test_deployed_model_has_no_generator_or_discriminator_heads():
   params = nn.unbox(_boxed_params(micro_config()))
   kept = deployed_params(params)
