@@ -153,15 +153,28 @@ def test_shards_are_disjoint_and_cover_every_record_once(data_dir, records):
   cfg = tiny_data_cfg(data_dir)
   shards = []
   for process_index in range(2):
-    it = pipeline.make_iterator(cfg, "train", batch_size=4, seed=0, num_epochs=1,
+    it = pipeline.make_iterator(cfg, "train", batch_size=4, seed=0, shuffle=False, num_epochs=1,
                                 drop_remainder=False, process_index=process_index, process_count=2)
     batches = list(it)
-    assert len(batches) == 5  # ceil(ceil(37 / 2) / 4) on both processes: they step together
-    shards.append(real_ids(batches))
-    # Process p reads records i with i % 2 == p.
-    assert sorted(shards[-1]) == sorted(order[process_index::2])
-  assert not set(shards[0]) & set(shards[1])
-  assert sorted(shards[0] + shards[1]) == sorted(order)
+    assert len(batches) == 5  # ceil(37 / (2 x 4)) on both processes: they step together
+    shards.append(batches)
+  # Process p holds rows [4p, 4p + 4) of each global batch of 8, in the global order.
+  interleaved = [ids for b0, b1 in zip(*shards) for ids in (real_ids([b0]), real_ids([b1]))]
+  assert sum(interleaved, []) == order
+  assert not set(real_ids(shards[0])) & set(real_ids(shards[1]))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_global_batches_do_not_depend_on_the_process_count(data_dir, shuffle):
+  cfg = tiny_data_cfg(data_dir)
+  take = lambda it, n: [b["image_id"] for b in itertools.islice(it, n)]  # noqa: E731
+  one = take(pipeline.make_iterator(cfg, "train", batch_size=8, seed=5, shuffle=shuffle), 12)
+  for count in (2, 4):
+    shards = [take(pipeline.make_iterator(cfg, "train", batch_size=8 // count, seed=5,
+                                          shuffle=shuffle, process_index=p, process_count=count), 12)
+              for p in range(count)]
+    for step, rows in enumerate(zip(*shards)):  # 12 steps cross epochs (37 examples)
+      np.testing.assert_array_equal(np.concatenate(rows), one[step])
 
 
 def test_drop_remainder_gives_every_process_the_same_full_batches(data_dir):

@@ -1,6 +1,7 @@
 """Grain input pipeline: prepared TFDS records -> static-shape batches of numpy arrays.
 
-    record index -> shard -> shuffle (reseeded every epoch) -> repeat -> read + preprocess
+    example index -> shuffle (reseeded every epoch) -> repeat -> this process's rows of
+    each global batch -> read + preprocess
     -> batch (padding the last one) -> iterator (worker processes if num_workers > 0)
 
 Every batch is a dict with exactly these keys (b = batch_size, T = max_text_len,
@@ -20,9 +21,12 @@ Real corpora store all of an image's captions in one record; with
 repeats), else each record gives one example with its first caption. Shuffling, sharding
 and epochs run over these examples.
 
-Sharding: process p reads examples i with i % process_count == p. All processes must take
-the same number of steps, so shards are made equal: with drop_remainder the last
-`n % process_count` records are dropped; without it, short shards are padded with masked
+Sharding: the order of examples is global (one shuffle of all examples, reseeded every
+epoch, the same on every process), cut into global batches of batch_size x process_count;
+process p reads rows [p * batch_size, (p + 1) * batch_size) of each. The global batches,
+and so training, are the same whatever the number of processes. All processes take the
+same number of steps: with drop_remainder a last partial global batch is dropped; without
+it, it is padded with masked
 (example_mask False) examples. Shapes never change, so a jitted step never recompiles.
 """
 
@@ -297,18 +301,57 @@ def stack_and_pad(examples, *, batch_size: int, empty: dict[str, np.ndarray]):
 
 
 # --- the pipeline -----------------------------------------------------------------------
-def shard_record_indices(num_records: int, process_index: int, process_count: int,
-                         pad: bool) -> np.ndarray:
-  """Record indices of one process, equal in number on every process.
+class ProcessRows(grain.MapDataset):
+  """Process `process_index`'s rows of each global batch of an index dataset.
 
-  `pad`: shards are rounded up and indices >= num_records mean padding; else rounded down.
+  Global batch g holds `parent[g * B : (g + 1) * B]` with B = batch_size x process_count;
+  this process reads its `batch_size` consecutive rows of each. With `pad` a last partial
+  global batch is completed with `pad_index` (an index that reads as padding), else it is
+  dropped.
   """
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  per_shard = (math.ceil if pad else math.floor)(num_records / process_count)
-  if per_shard == 0:
-    raise ValueError(f"{num_records} records cannot feed {process_count} processes")
-  return process_index + process_count * np.arange(per_shard)
+
+  def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
+               process_count: int, pad: bool, pad_index: int):
+    super().__init__(parent)
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    self._local, self._offset = batch_size, process_index * batch_size
+    self._global = batch_size * process_count
+    self._pad, self._pad_index = pad, pad_index
+    n = len(parent)
+    self._num_batches = -(-n // self._global) if pad else n // self._global
+    if self._num_batches == 0:
+      raise ValueError(f"{n} examples make no global batch of {self._global} "
+                       f"({process_count} processes x {batch_size}); use drop_remainder=False")
+
+  def __len__(self) -> int:
+    return self._num_batches * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if index >= len(self):
+      raise IndexError(f"index {index} past the end ({len(self)})")
+    j = (index // self._local) * self._global + self._offset + index % self._local
+    return self._parent[j] if j < len(self._parent) else self._pad_index
+
+
+def example_indices(num_examples: int, *, batch_size: int, seed: int, shuffle: bool,
+                    num_epochs: int | None, drop_remainder: bool, process_index: int,
+                    process_count: int) -> grain.MapDataset:
+  """This process's example indices in training order (module docstring, "Sharding").
+
+  `batch_size` is per process; indices >= num_examples mean padding.
+  """
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+  ds = grain.MapDataset.range(num_examples)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  # repeat() after shuffle() reseeds the shuffle per epoch: a new order every epoch.
+  ds = ds.repeat(num_epochs)
+  return ProcessRows(ds, batch_size=batch_size, process_index=process_index,
+                     process_count=process_count, pad=not drop_remainder, pad_index=num_examples)
 
 
 def make_dataset(source, data_cfg, split: str, tokenizer: tokenizers.Tokenizer, *,
@@ -320,16 +363,10 @@ def make_dataset(source, data_cfg, split: str, tokenizer: tokenizers.Tokenizer, 
   `table` ([num_examples, 2] record and caption indices, see `example_table`) makes the
   examples (record, caption) pairs; None: one example per record.
   """
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
   read = ReadExample(source, split, tokenizer, data_cfg, table)
-  indices = shard_record_indices(len(read), process_index, process_count,
-                                 pad=not drop_remainder)
-  ds = grain.MapDataset.source(indices)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  # repeat() after shuffle() reseeds the shuffle per epoch: a new order every epoch.
-  ds = ds.repeat(num_epochs).map(read)
+  ds = example_indices(len(read), batch_size=batch_size, seed=seed, shuffle=shuffle,
+                       num_epochs=num_epochs, drop_remainder=drop_remainder,
+                       process_index=process_index, process_count=process_count).map(read)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder,
                 batch_fn=functools.partial(stack_and_pad, batch_size=batch_size,
                                            empty=read.empty))

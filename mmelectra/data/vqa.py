@@ -16,6 +16,7 @@ predicting answer a scores min(1, count(a) / 3).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 
@@ -128,21 +129,14 @@ class ReadVQAExample:
     return out
 
 
-def _stack(examples, batch_size: int, empty: dict) -> dict[str, np.ndarray]:
-  examples = list(examples) + [empty] * (batch_size - len(examples))
-  return {k: np.stack([e[k] for e in examples]) for k in empty}
-
-
 def make_iterator(read: ReadVQAExample, *, batch_size: int, seed: int, shuffle: bool,
                   num_epochs: int | None, drop_remainder: bool, process_index: int = 0,
                   process_count: int = 1):
   """Batches over this process's shard of the examples (see `pipeline.make_dataset`)."""
-  indices = pipeline.shard_record_indices(len(read), process_index, process_count,
-                                          pad=not drop_remainder)
-  ds = grain.MapDataset.source(indices)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).map(read)
+  ds = pipeline.example_indices(len(read), batch_size=batch_size, seed=seed, shuffle=shuffle,
+                                num_epochs=num_epochs, drop_remainder=drop_remainder,
+                                process_index=process_index, process_count=process_count).map(read)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder,
-                batch_fn=lambda xs: _stack(xs, batch_size, read.empty))
+                batch_fn=functools.partial(pipeline.stack_and_pad, batch_size=batch_size,
+                                           empty=read.empty))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
