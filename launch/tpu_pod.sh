@@ -101,7 +101,7 @@ install() {
   local tarball=/tmp/mmelectra_src.tar.gz
   run git archive --format=tar.gz -o "$tarball" HEAD
   tpu scp "$tarball" "$name:/tmp/mmelectra_src.tar.gz" "${common[@]}" --worker=all
-  on_workers all "set -e; rm -rf $remote_dir; mkdir -p $remote_dir; tar -xzf /tmp/mmelectra_src.tar.gz -C $remote_dir; cd $remote_dir; python3 -m venv .venv; .venv/bin/pip install -q -U pip; .venv/bin/pip install -q -e . 'jax[tpu]==${jax_version}' gcsfs"
+  on_workers all "set -e; rm -rf $remote_dir; mkdir -p $remote_dir; tar -xzf /tmp/mmelectra_src.tar.gz -C $remote_dir; cd $remote_dir; python3 -m venv .venv; .venv/bin/pip install -q -U pip; .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]==${jax_version}'"
 }
 
 train() {

@@ -34,8 +34,14 @@ STATE, DATA, CONFIG = "state", "data", "config"
 
 
 # --- the run's CheckpointManager --------------------------------------------------------
+def run_path(path: str) -> epath.Path:
+  """A workdir (or a file in one) as a path: local paths absolute, `gs://...` as given."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.fspath(run_path(workdir) / "checkpoints")
 
 
 def make_manager(workdir: str, max_to_keep: int | None = 3, keep_every: int | None = None,
@@ -215,7 +221,7 @@ def resolve_state_dir(path: str) -> epath.Path:
   """The `state` item directory for `path`: a run's workdir or its `checkpoints/` dir
   (latest complete checkpoint), a step directory `.../checkpoints/<step>`, or a state
   directory itself."""
-  p = epath.Path(os.path.abspath(os.fspath(path)))
+  p = run_path(path)
   if not p.exists():
     raise FileNotFoundError(f"init_from: {p} does not exist")
   if (p / "checkpoints").is_dir():
@@ -314,7 +320,6 @@ def log_init_report(report: InitReport, workdir: str | None = None) -> None:
                   f" ({', '.join(report.dropped[:8])}{', ...' if len(report.dropped) > 8 else ''})"
                   if report.dropped else "")
   if workdir is not None and jax.process_index() == 0:
-    path = os.path.join(workdir, "init_from.json")
-    with open(path, "w") as f:
-      json.dump(report.to_dict(), f, indent=2)
+    path = run_path(workdir) / "init_from.json"
+    path.write_text(json.dumps(report.to_dict(), indent=2))
     logging.info("wrote %s", path)

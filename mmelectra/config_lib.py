@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
 import ml_collections
 
 from mmelectra.data import regions
@@ -40,18 +41,32 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> str:
-  path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
-    f.write(config.to_json(indent=2))
-  return path
+  path = epath.Path(workdir) / "config.json"
+  path.write_text(config.to_json(indent=2))
+  return os.fspath(path)
+
+
+def run_dir(path: str) -> str:
+  """The workdir of `path`: a workdir itself, its `checkpoints/` directory, or a step
+  directory `WORKDIR/checkpoints/<step>` (whose run config is the workdir's)."""
+  p = os.fspath(path)
+  p = p.rstrip("/") if "://" in p else os.path.normpath(p)  # normpath would eat gs://'s "//"
+  candidates = [p]
+  if os.path.basename(p) == "checkpoints":
+    candidates.append(os.path.dirname(p))
+  if os.path.basename(os.path.dirname(p)) == "checkpoints":
+    candidates.append(os.path.dirname(os.path.dirname(p)))
+  for candidate in candidates:
+    if (epath.Path(candidate) / "config.json").exists():
+      return candidate
+  return os.fspath(path)  # `load` names what is missing
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a mmelectra workdir?")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   config.logical_axis_rules = tuple(
       (name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in config.logical_axis_rules)
   config.lock()

@@ -17,6 +17,7 @@ import time
 
 import flax.linen as nn
 import jax
+from etils import epath
 import numpy as np
 from absl import logging
 import orbax.checkpoint as ocp
@@ -153,16 +154,16 @@ class CheckpointEvaluator:
 
 
 def eval_json_path(workdir: str, step: int) -> str:
-  return os.path.join(workdir, "eval", f"step_{step}.json")
+  return os.fspath(epath.Path(workdir) / "eval" / f"step_{step}.json")
 
 
 def write_results(workdir: str, step: int, metrics: dict) -> None:
-  path = eval_json_path(workdir, step)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(metrics, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)  # a reader never sees half a file
-  tb = SummaryWriter(os.path.join(workdir, "tensorboard", "eval"))
+  path = epath.Path(eval_json_path(workdir, step))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+  tmp.rename(path)  # a reader never sees half a file
+  tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard" / "eval"))
   for key, value in sorted(metrics.items()):
     if isinstance(value, (int, float)) and key != "step":
       tb.add_scalar(key, value, step)
@@ -178,7 +179,7 @@ def _setup_for(workdir: str) -> train.Setup:
 def _read_manager(workdir: str):
   # Read-only: an evaluator must never make or delete anything in the trainer's run.
   directory = checkpoint.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f"no checkpoint directory {directory}")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   return ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir), options=options)
@@ -238,8 +239,7 @@ def evaluate_all_steps(workdir: str, split: str | None = None) -> list[tuple[int
 
 def _already_evaluated(workdir: str, step: int, split: str) -> bool:
   try:
-    with open(eval_json_path(workdir, step)) as f:
-      return json.load(f).get("split") == split
+    return json.loads(epath.Path(eval_json_path(workdir, step)).read_text()).get("split") == split
   except (OSError, ValueError):
     return False
 
@@ -260,7 +260,7 @@ def watch_workdir(workdir: str, split: str | None = None, poll_seconds: float = 
   def idle() -> bool:
     return idle_timeout > 0 and time.monotonic() - last_news > idle_timeout
 
-  while not os.path.exists(os.path.join(workdir, "config.json")):
+  while not (epath.Path(workdir) / "config.json").exists():
     if idle():
       return []
     time.sleep(poll_seconds)
@@ -271,7 +271,7 @@ def watch_workdir(workdir: str, split: str | None = None, poll_seconds: float = 
   done, failures, evaluated = set(), {}, []
   manager = None
   while True:
-    if manager is None and os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    if manager is None and epath.Path(checkpoint.checkpoint_dir(workdir)).is_dir():
       manager = _read_manager(workdir)
     steps = []
     if manager is not None:

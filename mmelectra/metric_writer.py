@@ -1,6 +1,9 @@
 """Where metrics go: `WORKDIR/metrics.jsonl`, TensorBoard events and a progress bar.
 
 Only process 0 writes; other processes keep a silent writer so call sites stay simple.
+The workdir may be a bucket (`gs://...`, with the `[gcs]` extra): objects there cannot be
+appended to, so the jsonl file is rewritten whole at each write (it is small: one line
+per `log_every` steps).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import json
 import math
 import os
 
+from etils import epath
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
@@ -18,15 +22,22 @@ class MetricWriter:
 
   def __init__(self, workdir: str, total_steps: int, initial_step: int = 0,
                jsonl_name: str = "metrics.jsonl", tb_subdir: str = "tensorboard",
-               progress: bool = True):
+               progress: bool = True, append: bool | None = None):
+    """`append`: append to the jsonl file (default for local workdirs) or rewrite it."""
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     self._bar = None
     if not self.active:
       return
-    self._jsonl = open(os.path.join(workdir, jsonl_name), "a")
-    self._tb = SummaryWriter(os.path.join(workdir, tb_subdir))
+    self._path = epath.Path(workdir) / jsonl_name
+    if append is None:
+      append = "://" not in os.fspath(workdir)
+    if append:
+      self._jsonl = open(self._path, "a")
+    else:
+      self._lines = self._path.read_text() if self._path.exists() else ""
+    self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / tb_subdir))
     if progress:
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
                             dynamic_ncols=True, mininterval=1.0)
@@ -36,8 +47,13 @@ class MetricWriter:
       return
     record = {"step": int(step)}
     record.update({k: float(v) for k, v in sorted(metrics.items()) if math.isfinite(float(v))})
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    line = json.dumps(record) + "\n"
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      self._lines += line
+      self._path.write_text(self._lines)
     for k, v in record.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)

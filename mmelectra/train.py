@@ -188,7 +188,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Returns the last logged metrics.
   """
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint.run_path(workdir).mkdir(parents=True, exist_ok=True)  # a local dir or gs://...
   config, special_ids = prepare_data_and_config(config)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)
