@@ -88,6 +88,20 @@ def mask_regions(feats: Array, positions: Array, weights: Array) -> Array:
 
 
 # --- sampling ---------------------------------------------------------------------------
+def argmax(x: Array) -> Array:
+  """`jnp.argmax(x, axis=-1)` as int32: the first index of each row's maximum.
+
+  Written as a max, then a min over the indices that reach it: XLA on CPU does not
+  vectorise `jnp.argmax` (one reduction over value-index pairs), and the argmax over a
+  30522-word vocabulary cost more than a third of the MLM head's forward. A row holding
+  NaN gives its last index (`jnp.argmax` gives the NaN's).
+  """
+  n = x.shape[-1]
+  top = x.max(axis=-1, keepdims=True)
+  first = jnp.where(x == top, jnp.arange(n, dtype=jnp.int32), n).min(axis=-1)
+  return jnp.minimum(first, n - 1)
+
+
 def gumbel_argmax(rng: Array, logits: Array, temperature: float = 1.0) -> Array:
   """One sample from `softmax(logits / T)` per row, by Gumbel-max; no gradient.
 
@@ -95,9 +109,9 @@ def gumbel_argmax(rng: Array, logits: Array, temperature: float = 1.0) -> Array:
   """
   logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
   if temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
-  return jnp.argmax(logits / temperature + gumbel, axis=-1).astype(jnp.int32)
+  return argmax(logits / temperature + gumbel)
 
 
 def region_candidate_scores(queries: Array, candidates: Array, candidate_valid: Array) -> Array:
@@ -169,8 +183,13 @@ def itm_pairs(rng: Array, batch_size: int, negative_fraction: float,
 # Each loss returns (sum, weight) so that losses and metrics aggregate exactly over
 # micro-batches, devices and evaluation batches; the mean is sum / weight.
 def cross_entropy(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  logits = logits.astype(jnp.float32)
+  # -log_softmax(logits)[label] as logsumexp minus the label's logit, picked by a one-hot
+  # select: its gradient is two fused elementwise passes, where log_softmax and
+  # take_along_axis materialised the log-probabilities and scattered into zeros the
+  # size of the logits (on CPU, half the time of the MLM head over a 30522-word vocabulary).
+  onehot = labels[..., None].astype(jnp.int32) == jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.where(onehot, logits, 0.0).sum(axis=-1)
   return (nll * weights).sum(), weights.sum()
 
 

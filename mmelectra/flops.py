@@ -81,16 +81,20 @@ def train_step_flops(config) -> float:
   mr = electra.max_masked(k, config.region_mask_rate)
   moc_out = {"sample": h, "regress": dv, "classify": m.num_object_classes}[m.moc_mode]
   disc = _Encoder(h, m.mlp_dim, m.l_layers, m.r_layers, m.x_layers)
-  embed = 2 * k * (dv + 4) * h  # visual feature + box projections (word lookups are free)
+  # The region-feature projection runs once per step: every pass's visual input and the
+  # MOC candidate pool are rows of it (objectives._region_embeddings). Each pass projects
+  # its boxes. Word lookups are free.
+  visual = 2 * k * dv * h
+  boxes = 2 * k * 4 * h
 
   def heads(width):  # MLM (dense to h, tied vocabulary) and MOC heads at masked slots
     mlm = 2 * mt * (width * h + h * v)
     moc = 2 * mr * (width * width + width * moc_out)
     return mlm + moc
 
-  # MOC `sample`: every masked region scores all b*k regions of the global batch, whose
-  # keys are the visual projection of every region.
-  pool = (2 * k * dv * h + 2 * mr * b * k * h) if m.moc_mode == "sample" else 0.0
+  # MOC `sample`: every masked region scores all b*k regions of the global batch (their
+  # keys are the shared visual projection).
+  pool = 2 * mr * b * k * h if m.moc_mode == "sample" else 0.0
   itm = 2 * h * h + 2 * h * 2
   if config.objective == "electra":
     if m.get("generator_tied", False):  # the discriminator's own encoder, no projection
@@ -100,12 +104,14 @@ def train_step_flops(config) -> float:
       gen = _Encoder(g, max(int(round(m.mlp_dim * m.generator_width_ratio)), 1),
                      m.l_layers, m.r_layers, m.x_layers)
       projection = 2 * (t + k) * h * g
-    generator = embed + projection + encoder_forward_flops(gen, t, k) + heads(g) + pool
+    generator = boxes + projection + encoder_forward_flops(gen, t, k) + heads(g) + pool
     binary_heads = 2 * (t + k) * (h * h + h)  # RTD and R2D
-    discriminator = embed + encoder_forward_flops(disc, t, k) + binary_heads + itm
-    forward = generator + discriminator
+    discriminator = boxes + encoder_forward_flops(disc, t, k) + binary_heads + itm
+    # MOC `regress` writes back regressed features, which are projected anew.
+    replaced = 2 * mr * dv * h if m.moc_mode == "regress" else 0.0
+    forward = visual + generator + replaced + discriminator
   elif config.objective == "mlm":
-    forward = embed + encoder_forward_flops(disc, t, k) + heads(h) + pool + itm
+    forward = visual + boxes + encoder_forward_flops(disc, t, k) + heads(h) + pool + itm
   else:
     raise ValueError(f"unknown objective {config.objective!r}")
   return 3.0 * b * forward

@@ -18,6 +18,7 @@ not copied) through one dense projection that adapts the width.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -82,7 +83,9 @@ def _dense(features: int, in_name: str, out_name: str, dtype: DType, name: str) 
 
 def gelu(x: Array) -> Array:
   # Exact (erf) GELU, as BERT and LXMERT use; the tanh approximation would break parity.
-  return jax.nn.gelu(x, approximate=False)
+  # Written with erf, as PyTorch computes it: `jax.nn.gelu(approximate=False)` goes
+  # through erfc, whose exp and branches cost XLA on CPU several times erf's polynomial.
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype))
 
 
 class _Einsum(nn.Module):
@@ -280,8 +283,12 @@ class VisualEmbeddings(nn.Module):
     """LN(fc(feat)): the region-feature embedding, also the key of MOC `sample` candidates."""
     return self.visn_layer_norm(self.visn_fc(feats))
 
-  def __call__(self, feats: Array, boxes: Array, deterministic: bool) -> Array:
-    x = (self.project_features(feats) + self.box_layer_norm(self.box_fc(boxes))) / 2
+  def __call__(self, feats: Array | None, boxes: Array, deterministic: bool,
+               projected: Array | None = None) -> Array:
+    """`projected`, if given, is `project_features(feats)` computed by the caller (who
+    shares it between passes); `feats` is then unused."""
+    projected = self.project_features(feats) if projected is None else projected.astype(self.cfg.dtype)
+    x = (projected + self.box_layer_norm(self.box_fc(boxes))) / 2
     return self.dropout(x, deterministic=deterministic)
 
 
@@ -435,19 +442,23 @@ class MMElectra(nn.Module):
       self.generator_moc_head = MOCHead(gen, cfg.moc_mode, cfg.moc_out_dim())
 
   # --- shared pieces -------------------------------------------------------------------
-  def _embed(self, text_ids, region_feats, region_boxes, deterministic):
+  def _embed(self, text_ids, region_feats, region_boxes, deterministic, region_embeds=None):
     lang = self.embeddings(text_ids, deterministic)
-    vis = self.visual_embeddings(region_feats, region_boxes, deterministic)
+    vis = self.visual_embeddings(region_feats, region_boxes, deterministic, projected=region_embeds)
     return lang, vis
 
   def candidate_embeddings(self, region_feats: Array) -> Array:
-    """Keys of MOC `sample` candidates: the shared visual feature projection."""
+    """`LN(fc(feat))` in float32: the keys of MOC `sample` candidates, and the
+    `region_embeds` that the entry points below accept in place of `region_feats`."""
     return self.visual_embeddings.project_features(region_feats).astype(jnp.float32)
 
+  # Every entry point takes either `region_feats` or `region_embeds`, the latter being
+  # `candidate_embeddings(region_feats)` computed once by the objective and shared by its
+  # passes (the projection of 2048-d detector features is the largest matmul per region).
   def encode(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
-             deterministic: bool = True):
+             deterministic: bool = True, region_embeds=None):
     """The deployed model: (language output, vision output, pooled output)."""
-    lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic)
+    lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic, region_embeds)
     lang, vis = self.encoder(lang, text_mask, vis, region_mask, deterministic)
     return lang, vis, self.pooler(lang)
 
@@ -456,7 +467,8 @@ class MMElectra(nn.Module):
 
   # --- ELECTRA --------------------------------------------------------------------------
   def generate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
-               text_positions, region_positions, deterministic: bool, with_itm: bool = False):
+               text_positions, region_positions, deterministic: bool, with_itm: bool = False,
+               region_embeds=None):
     """Generator predictions at the masked positions only.
 
     Returns MLM logits `[B, Mt, V]` and the MOC output `[B, Mr, D]` (see `MOCHead`), and
@@ -464,7 +476,7 @@ class MMElectra(nn.Module):
     ITM logits `[B, 2]` of the masked pair.
     Gathering before the vocabulary projection keeps the head's cost at the masked 15%.
     """
-    lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic)
+    lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic, region_embeds)
     if self.cfg.generator_tied:
       lang, vis = self.encoder(lang, text_mask, vis, region_mask, deterministic)
     else:
@@ -479,18 +491,18 @@ class MMElectra(nn.Module):
     return out
 
   def discriminate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
-                   deterministic: bool):
+                   deterministic: bool, region_embeds=None):
     """RTD logits `[B, T]`, R2D logits `[B, K]`, ITM logits `[B, 2]` on the fused features."""
     lang, vis, pooled = self.encode(text_ids, text_mask, region_feats, region_boxes,
-                                    region_mask, deterministic)
+                                    region_mask, deterministic, region_embeds)
     return self.rtd_head(lang), self.r2d_head(vis), self.itm_logits(pooled)
 
   # --- MLM baseline ---------------------------------------------------------------------
   def predict_masked(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
-                     text_positions, region_positions, deterministic: bool):
+                     text_positions, region_positions, deterministic: bool, region_embeds=None):
     """Objective "mlm": MLM logits, MOC output at masked positions and ITM logits."""
     lang, vis, pooled = self.encode(text_ids, text_mask, region_feats, region_boxes,
-                                    region_mask, deterministic)
+                                    region_mask, deterministic, region_embeds)
     lang_m, vis_m = gather(lang, text_positions), gather(vis, region_positions)
     return self.mlm_head(lang_m, self.embeddings), self.moc_head(vis_m), self.itm_logits(pooled)
 

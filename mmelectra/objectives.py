@@ -88,7 +88,6 @@ class _Inputs:
   boxes: Array
   region_mask: Array
   region_labels: Array
-  masked_feats: Array
   region_positions: Array
   region_weights: Array
   example: Array  # [B] float, 1 for real examples
@@ -119,7 +118,6 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _
       masked_ids=electra.mask_text(text_ids, t_pos, t_w, ocfg.mask_id),
       text_positions=t_pos, text_weights=t_w,
       feats=feats, boxes=batch["region_boxes"], region_mask=region_mask, region_labels=labels,
-      masked_feats=electra.mask_regions(feats, r_pos, r_w),
       region_positions=r_pos, region_weights=r_w,
       example=example_mask.astype(jnp.float32), matched=matched)
 
@@ -128,22 +126,39 @@ def _mlm_terms(mlm_logits, x: _Inputs, loss_weight: Array):
   """L2 and mlm_acc for logits at the masked text slots."""
   target = electra.gather(x.text_ids, x.text_positions)
   mlm = electra.cross_entropy(mlm_logits, target, loss_weight)
-  acc = electra.accuracy_sums(jnp.argmax(mlm_logits, -1), target, loss_weight)
+  acc = electra.accuracy_sums(electra.argmax(mlm_logits), target, loss_weight)
   return mlm, acc
 
 
-def _moc_terms(model: MMElectra, params, moc_out, x: _Inputs, loss_weight: Array,
-               ocfg: ObjectiveConfig):
-  """L1, moc_acc (None for regress) and the logits replacement sampling reads."""
+def _region_embeddings(model: MMElectra, params, x: _Inputs) -> tuple[Array, Array]:
+  """`candidate_embeddings` (LN(fc(feat))) of every region `[B, K, D]`, and the masked
+  regions' inputs `[B, K, D]`: the same with the masked rows set to the embedding of an
+  all-zero feature (as `electra.mask_regions` zeroes them).
+
+  Computed once per step: the MOC `sample` candidates and every pass's visual input are
+  rows of these, so the projection of the region features (the largest matmul per
+  region) runs once, not once per pass.
+  """
+  embeds = model.apply({"params": params}, x.feats, method=MMElectra.candidate_embeddings)
+  zero = jnp.zeros((1, x.feats.shape[-1]), x.feats.dtype)
+  masked = model.apply({"params": params}, zero, method=MMElectra.candidate_embeddings)[0]
+  masked = jnp.broadcast_to(masked, x.region_positions.shape + masked.shape)
+  return embeds, electra.scatter(embeds, x.region_positions, masked, x.region_weights)
+
+
+def _moc_terms(moc_out, embeds: Array, x: _Inputs, loss_weight: Array, ocfg: ObjectiveConfig):
+  """L1, moc_acc (None for regress) and the logits replacement sampling reads.
+
+  `embeds` are the regions' `candidate_embeddings` (see `_region_embeddings`).
+  """
   num_regions = x.feats.shape[1]
   if ocfg.moc_mode == "sample":
-    pool_feats = x.feats.reshape(-1, x.feats.shape[-1])
-    candidates = model.apply({"params": params}, pool_feats, method=MMElectra.candidate_embeddings)
+    candidates = embeds.reshape(-1, embeds.shape[-1])
     # The pool is every region of the global batch, on all shards (METHOD.md decision 5).
     scores = collectives.pool_candidate_scores(moc_out, candidates, x.region_mask.reshape(-1))
     target = electra.flat_region_index(x.region_positions, num_regions)
     moc = electra.cross_entropy(scores, target, loss_weight)
-    acc = electra.accuracy_sums(jnp.argmax(scores, -1), target, loss_weight)
+    acc = electra.accuracy_sums(electra.argmax(scores), target, loss_weight)
     return moc, acc, scores
   if ocfg.moc_mode == "regress":
     target = electra.gather(x.feats, x.region_positions)
@@ -153,25 +168,29 @@ def _moc_terms(model: MMElectra, params, moc_out, x: _Inputs, loss_weight: Array
   labelled = loss_weight * (labels >= 0)
   safe_labels = jnp.maximum(labels, 0)
   moc = electra.cross_entropy(moc_out, safe_labels, labelled)
-  acc = electra.accuracy_sums(jnp.argmax(moc_out, -1), safe_labels, labelled)
+  acc = electra.accuracy_sums(electra.argmax(moc_out), safe_labels, labelled)
   return moc, acc, moc_out
 
 
-def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveConfig) -> Array:
-  """Region features written back at the masked regions `[B, Mr, Dv]`."""
-  pool_feats = x.feats.reshape(-1, x.feats.shape[-1])
-  original = electra.gather(x.feats, x.region_positions)
-  if ocfg.moc_mode == "sample":
-    idx = electra.gumbel_argmax(rng, moc_scores, ocfg.region_temperature)
-    return collectives.take_rows(pool_feats, idx)
+def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveConfig,
+                         embeds: Array, project) -> tuple[Array, Array]:
+  """Region features written back at the masked regions `[B, Mr, Dv]`, and their
+  embeddings `[B, Mr, D]`: rows of `embeds`, or `project(features)` for regressed ones."""
   if ocfg.moc_mode == "regress":
     # The regressed vector itself: R2D's gradient reaches the generator through it.
-    return moc_out.astype(x.feats.dtype)
+    feats = moc_out.astype(x.feats.dtype)
+    return feats, project(feats)
+  pools = (x.feats.reshape(-1, x.feats.shape[-1]), embeds.reshape(-1, embeds.shape[-1]))
+  if ocfg.moc_mode == "sample":
+    idx = electra.gumbel_argmax(rng, moc_scores, ocfg.region_temperature)
+    return tuple(collectives.take_rows(pool, idx) for pool in pools)
   rng_cls, rng_pick = jax.random.split(rng)
   classes = electra.gumbel_argmax(rng_cls, moc_scores, ocfg.region_temperature)
   idx, found = electra.sample_regions_of_class(
       rng_pick, classes, x.region_labels.reshape(-1), x.region_mask.reshape(-1))
-  return jnp.where(found[..., None], collectives.take_rows(pool_feats, idx), original)
+  originals = (electra.gather(x.feats, x.region_positions), electra.gather(embeds, x.region_positions))
+  return tuple(jnp.where(found[..., None], collectives.take_rows(pool, idx), original)
+               for pool, original in zip(pools, originals))
 
 
 def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
@@ -184,26 +203,32 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   region_loss_w = x.region_weights * pair_w[:, None]
 
   itm_on_masked = ocfg.itm_input == "masked"
+  embeds, masked_embeds = _region_embeddings(model, params, x)
   generated = model.apply(
-      {"params": params}, x.masked_ids, x.text_mask, x.masked_feats, x.boxes, x.region_mask,
+      {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
       x.text_positions, x.region_positions, deterministic, itm_on_masked,
-      method=MMElectra.generate, rngs={"dropout": rng_gen})
+      region_embeds=masked_embeds, method=MMElectra.generate, rngs={"dropout": rng_gen})
   mlm_logits, moc_out = generated[:2]
   mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
-  moc, moc_acc, moc_scores = _moc_terms(model, params, moc_out, x, region_loss_w, ocfg)
+  moc, moc_acc, moc_scores = _moc_terms(moc_out, embeds, x, region_loss_w, ocfg)
 
   # Write the generator's predictions back (gradient stopped through token samples).
   sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
   corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
-  replacement = _replacement_regions(rng_region, moc_out, moc_scores, x, ocfg)
+  def project(feats):
+    return model.apply({"params": params}, feats, method=MMElectra.candidate_embeddings)
+
+  replacement, replacement_embeds = _replacement_regions(rng_region, moc_out, moc_scores, x, ocfg,
+                                                         embeds, project)
   corrupted_feats = electra.scatter(x.feats, x.region_positions, replacement, x.region_weights)
+  corrupted_embeds = electra.scatter(embeds, x.region_positions, replacement_embeds, x.region_weights)
 
   rtd_labels = electra.replaced_tokens(x.text_ids, corrupted_ids, x.text_mask)
   r2d_labels = electra.replaced_regions(x.feats, corrupted_feats, x.region_mask)
 
   rtd_logits, r2d_logits, disc_itm_logits = model.apply(
-      {"params": params}, corrupted_ids, x.text_mask, corrupted_feats, x.boxes, x.region_mask, deterministic,
-      method=MMElectra.discriminate, rngs={"dropout": rng_disc})
+      {"params": params}, corrupted_ids, x.text_mask, None, x.boxes, x.region_mask, deterministic,
+      region_embeds=corrupted_embeds, method=MMElectra.discriminate, rngs={"dropout": rng_disc})
   text_w = x.text_mask * pair_w[:, None]
   region_w = x.region_mask * pair_w[:, None]
   rtd = electra.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
@@ -220,7 +245,7 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
     sums["moc_acc"] = moc_acc
   sums.update(electra.binary_metric_sums("rtd", rtd_logits, rtd_labels, text_w))
   sums.update(electra.binary_metric_sums("r2d", r2d_logits, r2d_labels, region_w))
-  sums["itm_acc"] = electra.accuracy_sums(jnp.argmax(itm_logits, -1), itm_labels, x.example)
+  sums["itm_acc"] = electra.accuracy_sums(electra.argmax(itm_logits), itm_labels, x.example)
   masked_text = electra.positions_to_dense(x.text_positions, x.text_weights * pair_w[:, None],
                                            x.text_ids.shape[1])
   masked_regions = electra.positions_to_dense(x.region_positions, x.region_weights * pair_w[:, None],
@@ -239,12 +264,13 @@ def mlm_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   pair_w = x.example * x.matched
   text_loss_w = x.text_weights * pair_w[:, None]
   region_loss_w = x.region_weights * pair_w[:, None]
+  embeds, masked_embeds = _region_embeddings(model, params, x)
   mlm_logits, moc_out, itm_logits = model.apply(
-      {"params": params}, x.masked_ids, x.text_mask, x.masked_feats, x.boxes, x.region_mask,
-      x.text_positions, x.region_positions, deterministic,
+      {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
+      x.text_positions, x.region_positions, deterministic, region_embeds=masked_embeds,
       method=MMElectra.predict_masked, rngs={"dropout": rng_model})
   mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
-  moc, moc_acc, _ = _moc_terms(model, params, moc_out, x, region_loss_w, ocfg)
+  moc, moc_acc, _ = _moc_terms(moc_out, embeds, x, region_loss_w, ocfg)
   itm_labels = x.matched.astype(jnp.int32)
   itm = electra.cross_entropy(itm_logits, itm_labels, x.example)
   losses = {"moc": moc, "mlm": mlm, "itm": itm}
@@ -253,7 +279,7 @@ def mlm_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   sums["mlm_acc"] = mlm_acc
   if moc_acc is not None:
     sums["moc_acc"] = moc_acc
-  sums["itm_acc"] = electra.accuracy_sums(jnp.argmax(itm_logits, -1), itm_labels, x.example)
+  sums["itm_acc"] = electra.accuracy_sums(electra.argmax(itm_logits), itm_labels, x.example)
   sums["loss"] = (loss * x.example.sum(), x.example.sum())
   return loss, sums
 

@@ -142,8 +142,6 @@ def make_train_step(setup: Setup):
       nan_steps = [int(s) for s in str(config.debug_nan_steps).split(",") if s.strip()]
       poison = jnp.isin(state["step"], jnp.asarray(nan_steps, jnp.int32))
       grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
-    updates, opt = tx.update(grads, state["opt"], params)
-    new_params = optax.apply_updates(params, updates)
     sums = dict(sums)
     grad_norm = optax.tree.norm(grads)
     sums["grad_norm"] = (grad_norm, jnp.ones((), jnp.float32))
@@ -155,8 +153,15 @@ def make_train_step(setup: Setup):
     finite = jnp.isfinite(grad_norm)
     if "loss" in sums:
       finite &= jnp.isfinite(sums["loss"][0])
-    new_params, opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                   (new_params, opt), (params, state["opt"]))
+
+    def apply_update(grads, opt_state, params):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # A branch, not `where(finite, new, old)` on every leaf: the select keeps the old Adam
+    # moments alive next to the in-place update, and XLA copied all of them every step.
+    new_params, opt = jax.lax.cond(finite, apply_update, lambda g, o, p: (p, o),
+                                   grads, state["opt"], params)
     sums = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sums)
     sums[NONFINITE] = (jnp.logical_not(finite).astype(jnp.float32), jnp.ones((), jnp.float32))
     return {"step": state["step"] + 1, "params": new_params, "opt": opt}, sums
