@@ -15,7 +15,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown config argument {arg!r}; expected 'runlocal' or nothing")
   c = ml_collections.ConfigDict()
   c.task = "vqa"
-  c.init_from = ""  # a pretraining workdir (required)
+  c.init_from = ""  # a pretraining workdir or one of its checkpoints/<step> (required)
   c.init_mode = "pretrained"  # pretrained | random
   c.seed = 0
   c.batch_size = 32

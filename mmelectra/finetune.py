@@ -238,7 +238,9 @@ def build_task(config) -> tuple[Task, dict]:
   if not config.init_from:
     raise ValueError("config.init_from must name a pretraining workdir (its model, data and "
                      "tokenizer); with config.init_mode='random' only its architecture is used")
-  pre_config, _ = train.prepare_data_and_config(config_lib.load(config.init_from))
+  # init_from may name one checkpoint (`WORKDIR/checkpoints/<step>`): the run's config is
+  # its workdir's; `init_params` loads that step's parameters.
+  pre_config, _ = train.prepare_data_and_config(config_lib.load(config_lib.run_dir(config.init_from)))
   mcfg = model_lib.model_config_from(pre_config)
   enc = mcfg.encoder
   if config.dropout_rate >= 0:

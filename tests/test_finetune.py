@@ -165,3 +165,14 @@ def test_hard_negatives_are_never_the_positive():
         assert hard_img[i] != i and hard_img[i] != 5 and {i, int(hard_img[i])} != {1, 4}
       if has_txt[i]:
         assert hard_txt[i] != i and hard_txt[i] != 5 and {i, int(hard_txt[i])} != {1, 4}
+
+
+def test_init_from_may_name_one_checkpoint(tiny_pretrained_run):
+  from mmelectra import config_lib
+  step_dir = os.path.join(tiny_pretrained_run, "checkpoints", "3")
+  assert os.path.isdir(step_dir)
+  for path in (tiny_pretrained_run, os.path.join(tiny_pretrained_run, "checkpoints"), step_dir):
+    assert config_lib.run_dir(path) == os.path.normpath(tiny_pretrained_run)
+  assert config_lib.run_dir("/no/such/run") == "/no/such/run"  # load() then names it
+  task, data = finetune.build_task(_config(finetune_vqa, step_dir, **{"vqa.questions_per_image": 1}))
+  assert task.pre_config.model.hidden_size == 32 and set(data) == {"train", "test"}

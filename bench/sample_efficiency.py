@@ -1,0 +1,505 @@
+"""Sample efficiency, ELECTRA vs MLM: downstream metrics against training FLOPs and wall clock.
+
+  .venv/bin/python bench/sample_efficiency.py --variant=electra --seed=0 [--budget_tflops=T] [--evals=4]
+  .venv/bin/python bench/sample_efficiency.py --report
+
+One call trains one variant with one seed to a fixed budget of analytic training FLOPs
+(`flops.train_step_flops`, which counts the generator), then evaluates the checkpoints
+kept at `--evals` equal fractions of the budget and appends one JSON line to
+`<results_dir>/sample_efficiency.jsonl`. `--report` turns every line there into
+`sample_efficiency.md` (table, headline ratio) and `sample_efficiency.png` (curves).
+
+Variants (METHOD.md: a zero loss weight switches a loss off; `moc` picks the region mode):
+  electra       the method: generator + RTD + R2D + ITM, MOC `sample`
+  mlm           the LXMERT-style baseline (no generator): MLM + MOC + ITM on the encoder
+  no_r2d        electra with loss_weights.r2d = 0 (no region discriminator)
+  no_rtd        electra with loss_weights.rtd = 0 (no token discriminator)
+  moc_regress   electra with MOC `regress` (regressed region features as replacements)
+
+What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
+into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
+WARMUP_FRACTION of the run's own steps and linear decay to 0 at its last step. A run's
+step count is floor(budget / step FLOPs), rounded down so that every evaluation point is
+a whole logging window; `mlm` has the cheaper step, so it gets more steps.
+
+Each evaluation point records: the step, its cumulative analytic training FLOPs, the
+cumulative training wall clock (from the run's metrics.jsonl: the timed windows of the
+train loop, i.e. without the first, compiling, step and without any evaluation), every
+metric of `mmelectra evaluate` on the validation split (itm_acc, rtd_auc, ..., zero-shot
+retrieval t2i/i2t R@1/5/10 over the first RETRIEVAL_POOL images), and `vqa_acc` after
+a short fixed VQA fine-tune (VQA below) from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VARIANTS = {
+    # name: (configs/pretrain.py argument string, field overrides)
+    "electra": ("objective=electra", {}),
+    "mlm": ("objective=mlm", {}),
+    "no_r2d": ("objective=electra", {"loss_weights.r2d": 0.0}),
+    "no_rtd": ("objective=electra", {"loss_weights.rtd": 0.0}),
+    "moc_regress": ("objective=electra,moc=regress", {}),
+}
+SIZE = "small"
+BATCH_SIZE = 64
+# 40k scenes build in about 50 s on a 2-core CPU; a budgeted run reads each about 3 times.
+DATA = dict(regions="crops", num_train=40_000, num_validation=1_000, num_test=1_000)
+WARMUP_FRACTION = 0.1
+# Zero-shot retrieval scores every text x image pair of the pool: pool^2 encoder passes
+# (10k here, about as many FLOPs as 50 train steps), in one jitted block.
+RETRIEVAL_POOL = 100
+# The fixed VQA fine-tune after every evaluation point (same for every variant and point).
+VQA = dict(steps=150, batch_size=32, learning_rate=5e-4, warmup_steps=15,
+           questions_per_image=3, train_split="train[:5000]", test_split="test[:500]")
+# About 15 minutes of `electra` training on an idle 2-core CPU (see bench/README.md).
+DEFAULT_BUDGET_TFLOPS = 140.0
+RESULTS_FILE = "sample_efficiency.jsonl"
+# Metrics the report tabulates and plots: (key, label).
+HEADLINE = (("retrieval_r1", "zero-shot R@1"), ("itm_acc", "ITM acc"), ("vqa_acc", "VQA acc"))
+
+
+# --- the run's configs ---------------------------------------------------------------------
+def _set(config, dotted: str, value) -> None:
+  node = config
+  *parents, leaf = dotted.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def base_config(variant: str, seed: int):
+  """The pretraining config of a variant, before the step count is known."""
+  from configs import pretrain
+  arg, overrides = VARIANTS[variant]
+  config = pretrain.get_config(f"size={SIZE},regions={DATA['regions']},{arg}")
+  config.seed = seed
+  config.batch_size = BATCH_SIZE
+  for key, value in DATA.items():
+    config.data[key] = value
+  config.eval.retrieval_pool = RETRIEVAL_POOL
+  config.eval.retrieval_pairs_per_call = RETRIEVAL_POOL ** 2
+  for key, value in overrides.items():
+    _set(config, key, value)
+  return config
+
+
+def plan_steps(max_steps: int, evals: int) -> tuple[int, int]:
+  """(steps between evaluation points, log_every): the interval is at most
+  max_steps // evals and a multiple of a log window of 20-50 steps, so every evaluation
+  point ends a timed window of the train loop."""
+  interval = max_steps // evals
+  if interval < 1:
+    raise ValueError(f"the budget allows {max_steps} steps, fewer than --evals={evals}")
+  if interval < 40:
+    return interval, interval
+  while True:
+    for log_every in range(50, 19, -1):
+      if interval % log_every == 0:
+        return interval, log_every
+    interval -= 1
+
+
+def run_config(variant: str, seed: int, budget_flops: float, evals: int):
+  """(config, step FLOPs, steps between evaluation points) for a budgeted run."""
+  from mmelectra import config_lib, flops
+  config = base_config(variant, seed)
+  step_flops = flops.train_step_flops(config_lib.finalize(config))
+  interval, log_every = plan_steps(int(budget_flops // step_flops), evals)
+  total = interval * evals
+  config.total_steps = total
+  config.log_every = log_every
+  config.checkpoint_every = interval
+  config.max_checkpoints_to_keep = evals  # every evaluation point
+  config.keep_checkpoint_every = 0
+  config.optimizer.warmup_steps = max(1, round(WARMUP_FRACTION * total))
+  config.optimizer.schedule = "linear"
+  config.optimizer.end_learning_rate_fraction = 0.0
+  return config, step_flops, interval
+
+
+def vqa_config(init_from: str, seed: int):
+  from configs import finetune_vqa
+  c = finetune_vqa.get_config()
+  c.init_from = init_from
+  c.seed = seed
+  c.batch_size = VQA["batch_size"]
+  c.total_steps = VQA["steps"]
+  c.log_every = VQA["steps"]
+  c.optimizer.learning_rate = VQA["learning_rate"]
+  c.optimizer.warmup_steps = VQA["warmup_steps"]
+  c.vqa.questions_per_image = VQA["questions_per_image"]
+  c.vqa.train_split = VQA["train_split"]
+  c.vqa.test_split = VQA["test_split"]
+  c.eval.split = VQA["test_split"]
+  return c
+
+
+# --- one run ---------------------------------------------------------------------------------
+def train_seconds_by_step(metrics_path: str, batch_size: int) -> dict[int, float]:
+  """Cumulative training seconds at each logged step, from the loop's own timing.
+
+  Each metrics.jsonl row holds `examples_per_sec` over the steps since the previous row;
+  the first window leaves out the first step (compilation), and nothing outside the loop
+  (data set preparation, evaluation) is in it.
+  """
+  out, total, previous = {}, 0.0, 0
+  with open(metrics_path) as f:
+    for line in f:
+      row = json.loads(line)
+      step = int(row["step"])
+      timed = step - previous - (1 if previous == 0 else 0)
+      if timed > 0 and row.get("examples_per_sec"):
+        total += timed * batch_size / row["examples_per_sec"]
+      out[step] = total
+      previous = step
+  return out
+
+
+def host_info() -> dict:
+  import jax
+  return {"node": platform.node(), "cpus": os.cpu_count(), "platform": jax.default_backend(),
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root: str,
+        results_dir: str) -> dict:
+  from mmelectra import evaluate, finetune, train
+  from mmelectra.data import datasets
+
+  budget = budget_tflops * 1e12
+  config, step_flops, interval = run_config(variant, seed, budget, evals)
+  name = f"{variant}_seed{seed}_budget{budget_tflops:g}"
+  workdir = os.path.join(workdir_root, name)
+  if os.path.exists(workdir):
+    # Always a fresh run: a resumed one would time a second compile and repeat steps.
+    if os.listdir(workdir) and not os.path.exists(os.path.join(workdir, "config.json")):
+      raise FileExistsError(f"{workdir} exists and is not a run directory; remove it")
+    shutil.rmtree(workdir)
+  print(f"{name}: {config.total_steps} steps of {step_flops / 1e12:.4f} TFLOPs "
+        f"({config.total_steps * step_flops / 1e12:.1f} of {budget_tflops:g} TFLOPs), "
+        f"evaluation every {interval} steps, workdir {workdir}", flush=True)
+  host = host_info()
+
+  start = time.perf_counter()
+  datasets.prepare(config.data)  # built once, shared by every call
+  data_seconds = time.perf_counter() - start
+
+  start = time.perf_counter()
+  train.train_and_evaluate(config, workdir)
+  train_call_seconds = time.perf_counter() - start
+  seconds = train_seconds_by_step(os.path.join(workdir, "metrics.jsonl"), config.batch_size)
+  load_after_train = round(os.getloadavg()[0], 2)
+
+  start = time.perf_counter()
+  evaluated = dict(evaluate.evaluate_all_steps(workdir, "validation"))
+  pretrain_eval_seconds = time.perf_counter() - start
+  expected = [interval * (i + 1) for i in range(evals)]
+  if sorted(evaluated) != expected:
+    raise RuntimeError(f"checkpoints {sorted(evaluated)} in {workdir}, expected {expected}")
+
+  points = []
+  for step in sorted(evaluated):
+    m = evaluated[step]
+    start = time.perf_counter()
+    ft_dir = os.path.join(workdir, "vqa", f"step_{step}")
+    vqa = finetune.finetune(vqa_config(os.path.join(workdir, "checkpoints", str(step)), seed), ft_dir)
+    shutil.rmtree(os.path.join(ft_dir, "checkpoints"), ignore_errors=True)  # not needed again
+    vqa_seconds = time.perf_counter() - start
+    point = {
+        "step": step,
+        "flops": step * step_flops,
+        "budget_fraction": step * step_flops / budget,
+        "train_seconds": seconds[step],
+        "retrieval_r1": (m["t2i_r1"] + m["i2t_r1"]) / 2,
+        **{k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "step"},
+        **{k: v for k, v in vqa.items() if k.startswith("vqa_acc")},
+        "vqa_seconds": vqa_seconds,
+    }
+    points.append(point)
+    print(f"  step {step}: {point['flops'] / 1e12:.1f} TFLOPs, {point['train_seconds']:.0f} s: "
+          f"R@1 {point['retrieval_r1']:.3f} ITM {m['itm_acc']:.3f} VQA {vqa['vqa_acc']:.3f} "
+          f"(VQA fine-tune {vqa_seconds:.0f} s)", flush=True)
+
+  record = {
+      "variant": variant, "seed": seed, "budget_tflops": budget_tflops, "evals": evals,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "host": {**host, "loadavg_1m_after_train": load_after_train},
+      "protocol": protocol(budget_tflops, evals),
+      "config": {
+          "objective": config.objective, "moc_mode": config.model.moc_mode,
+          "loss_weights": config.loss_weights.to_dict(), "size": SIZE,
+          "hidden_size": config.model.hidden_size, "batch_size": config.batch_size,
+          "total_steps": config.total_steps, "warmup_steps": config.optimizer.warmup_steps,
+          "learning_rate": config.optimizer.learning_rate, "step_tflops": step_flops / 1e12,
+          "data": {k: config.data[k] for k in ("name", "num_train", "num_validation", "num_test",
+                                               "regions", "image_size", "seed")},
+      },
+      "timing": {
+          "data_prepare_seconds": data_seconds,
+          "train_call_seconds": train_call_seconds,  # data, compile, loop, final save
+          "train_seconds": seconds[config.total_steps],  # the loop's timed steps
+          "steps_per_sec": (config.total_steps - 1) / seconds[config.total_steps],
+          "pretrain_eval_seconds": pretrain_eval_seconds,  # all points, one compile
+          "vqa_seconds": sum(p["vqa_seconds"] for p in points),
+      },
+      "workdir": workdir,
+      "points": points,
+  }
+  os.makedirs(results_dir, exist_ok=True)
+  with open(os.path.join(results_dir, RESULTS_FILE), "a") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+  t = record["timing"]
+  print(f"{name}: trained {t['train_seconds']:.0f} s ({t['steps_per_sec']:.3f} steps/s), "
+        f"evaluation {t['pretrain_eval_seconds']:.0f} s + VQA {t['vqa_seconds']:.0f} s "
+        f"({(t['pretrain_eval_seconds'] + t['vqa_seconds']) / t['train_seconds']:.0%} of training); "
+        f"appended to {os.path.join(results_dir, RESULTS_FILE)}", flush=True)
+  return record
+
+
+def protocol(budget_tflops: float, evals: int) -> dict:
+  """What must be equal for two runs to be compared (the report keeps one protocol)."""
+  return {"budget_tflops": budget_tflops, "evals": evals, "size": SIZE, "batch_size": BATCH_SIZE,
+          "data": DATA, "warmup_fraction": WARMUP_FRACTION, "retrieval_pool": RETRIEVAL_POOL,
+          "vqa": VQA}
+
+
+# --- the report ------------------------------------------------------------------------------
+def load_runs(results_dir: str, budget_tflops: float | None) -> tuple[list[dict], str]:
+  """The latest run of each (variant, seed) under one protocol: the one given by
+  `budget_tflops`, else that of the newest line."""
+  path = os.path.join(results_dir, RESULTS_FILE)
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  if not records:
+    raise ValueError(f"{path} holds no run")
+  if budget_tflops is not None:
+    records = [r for r in records if r["budget_tflops"] == budget_tflops]
+    if not records:
+      raise ValueError(f"{path} holds no run with budget {budget_tflops:g} TFLOPs")
+  key = json.dumps(records[-1]["protocol"], sort_keys=True)
+  same = [r for r in records if json.dumps(r["protocol"], sort_keys=True) == key]
+  latest = {}
+  for r in same:
+    latest[(r["variant"], r["seed"])] = r
+  note = (f"{len(latest)} runs ({len(records) - len(same)} lines of other protocols and "
+          f"{len(same) - len(latest)} superseded reruns left out)")
+  return list(latest.values()), note
+
+
+def curves(runs: list[dict]) -> dict:
+  """variant -> {seeds, points: [{key: (mean, min, max)}]} over the seeds' aligned points."""
+  out = {}
+  for variant in VARIANTS:
+    mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+    if not mine:
+      continue
+    n = min(len(r["points"]) for r in mine)
+    points = []
+    for i in range(n):
+      row = {}
+      for key in ("flops", "train_seconds", "budget_fraction") + tuple(k for k, _ in HEADLINE):
+        values = [r["points"][i][key] for r in mine if key in r["points"][i]]
+        if values:
+          row[key] = (sum(values) / len(values), min(values), max(values))
+      points.append(row)
+    out[variant] = {"seeds": [r["seed"] for r in mine], "points": points, "config": mine[0]["config"],
+                    "steps_per_sec": sum(r["timing"]["steps_per_sec"] for r in mine) / len(mine)}
+  return out
+
+
+def flops_to_reach(curve: dict, key: str, target: float) -> tuple[float | None, bool]:
+  """(FLOPs at which the mean curve first reaches `target`, linearly interpolated between
+  evaluation points; None if never), and whether the first point already reaches it (then
+  the FLOPs are an upper bound)."""
+  previous = None
+  for p in curve["points"]:
+    x, y = p["flops"][0], p[key][0]
+    if y >= target:
+      if previous is None:
+        return x, True
+      x0, y0 = previous
+      return x0 + (x - x0) * (target - y0) / (y - y0), False
+    previous = (x, y)
+  return None, False
+
+
+def _cell(stat) -> str:
+  mean, lo, hi = stat
+  return f"{mean:.3f}" if lo == hi else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _ratio_text(ratio: float | None, bound: bool) -> str:
+  if ratio is None:
+    return ">1.0 (not reached)"
+  return f"<= {ratio:.2f}" if bound else f"{ratio:.2f}"
+
+
+def report(results_dir: str, budget_tflops: float | None) -> dict:
+  runs, note = load_runs(results_dir, budget_tflops)
+  data = curves(runs)
+  proto = runs[0]["protocol"]
+  lines = [
+      "# Sample efficiency, ELECTRA vs MLM",
+      "",
+      f"Written by `bench/sample_efficiency.py --report` from `{RESULTS_FILE}`: {note}. "
+      f"Budget {proto['budget_tflops']:g} TFLOPs of analytic training FLOPs (generator "
+      f"included), size {proto['size']}, batch {proto['batch_size']}, synthetic scenes "
+      f"({proto['data']['regions']}, {proto['data']['num_train']} train scenes); zero-shot "
+      f"R@1 = mean of text->image and image->text R@1 over {proto['retrieval_pool']} "
+      f"validation images (chance {1 / proto['retrieval_pool']:.3f}); VQA acc after "
+      f"{proto['vqa']['steps']} fine-tuning steps (batch {proto['vqa']['batch_size']}, "
+      f"lr {proto['vqa']['learning_rate']:g}) on `{proto['vqa']['train_split']}`, tested on "
+      f"`{proto['vqa']['test_split']}`. Cells: mean over seeds [min, max].",
+      "",
+      "| variant | seeds | steps | step TFLOPs | steps/s | point | TFLOPs | train s | "
+      + " | ".join(label for _, label in HEADLINE) + " |",
+      "|---" * (8 + len(HEADLINE)) + "|",
+  ]
+  for variant, c in data.items():
+    for i, p in enumerate(c["points"]):
+      head = (f"{variant} | {','.join(map(str, c['seeds']))} | {c['config']['total_steps']} | "
+              f"{c['config']['step_tflops']:.4f} | {c['steps_per_sec']:.3f}"
+              if i == 0 else " | | | | ")
+      lines.append(f"| {head} | {p['budget_fraction'][0]:.2f} | {p['flops'][0] / 1e12:.1f} | "
+                   f"{p['train_seconds'][0]:.0f} | "
+                   + " | ".join(_cell(p[k]) if k in p else "-" for k, _ in HEADLINE) + " |")
+
+  ratios = {}
+  lines += ["", "## FLOPs to reach the `mlm` baseline's final score", ""]
+  if "mlm" in data:
+    base = data["mlm"]["points"][-1]
+    base_flops = base["flops"][0]
+    chance = 1 / proto["retrieval_pool"]
+    warn = (f" **The baseline's R@1 is at chance ({chance:.3f}): its R@1 ratio says nothing.**"
+            if base["retrieval_r1"][0] <= chance * 1.5 else "")
+    lines += [f"Baseline (`mlm`, final point, mean over seeds): R@1 {base['retrieval_r1'][0]:.3f}, "
+              f"VQA acc {base['vqa_acc'][0]:.3f} at {base_flops / 1e12:.1f} TFLOPs.{warn} Each cell: the "
+              "fraction of those FLOPs at which the variant's mean curve first reaches the "
+              "baseline's final value (linear between evaluation points; `<=` when its first "
+              "point already does). Target for `electra`: <= 0.5 on both.", "",
+              "| variant | R@1 | VQA acc |", "|---|---|---|"]
+    for variant, c in data.items():
+      if variant == "mlm":
+        continue
+      cells = []
+      for key in ("retrieval_r1", "vqa_acc"):
+        x, bound = flops_to_reach(c, key, base[key][0])
+        ratio = None if x is None else x / base_flops
+        ratios[(variant, key)] = (ratio, bound)
+        cells.append(_ratio_text(ratio, bound))
+      lines.append(f"| {variant} | {cells[0]} | {cells[1]} |")
+  else:
+    lines.append("No `mlm` run yet.")
+
+  timing = ["", "## Timing", "", "| variant | seed | data prepare s | train call s | train s | "
+            "pretrain eval s | VQA s | eval / train | host load (1 min, start / after train) |",
+            "|---" * 9 + "|"]
+  for r in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
+    t = r["timing"]
+    timing.append(f"| {r['variant']} | {r['seed']} | {t['data_prepare_seconds']:.0f} | "
+                  f"{t['train_call_seconds']:.0f} | {t['train_seconds']:.0f} | "
+                  f"{t['pretrain_eval_seconds']:.0f} | {t['vqa_seconds']:.0f} | "
+                  f"{(t['pretrain_eval_seconds'] + t['vqa_seconds']) / t['train_seconds']:.0%} | "
+                  f"{r['host']['loadavg_1m']} / {r['host'].get('loadavg_1m_after_train', '-')} |")
+  lines += timing
+  lines += ["", f"![curves](sample_efficiency.png)", ""]
+  md_path = os.path.join(results_dir, "sample_efficiency.md")
+  with open(md_path, "w") as f:
+    f.write("\n".join(lines))
+  png_path = os.path.join(results_dir, "sample_efficiency.png")
+  plot(data, png_path, data.get("mlm"), {"retrieval_r1": 1 / proto["retrieval_pool"], "itm_acc": 0.5})
+  print(f"wrote {md_path} and {png_path}")
+  r1 = ratios.get(("electra", "retrieval_r1"))
+  vqa = ratios.get(("electra", "vqa_acc"))
+
+  def short(r):
+    if r is None:
+      return "n/a"
+    return ">1.0" if r[0] is None else (f"<={r[0]:.3f}" if r[1] else f"{r[0]:.3f}")
+  print(f"RESULT electra_flops_to_mlm_r1={short(r1)} electra_flops_to_mlm_vqa={short(vqa)}")
+  return ratios
+
+
+def plot(data: dict, path: str, baseline: dict | None, chance: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  xs = (("flops", "training TFLOPs (analytic)", 1e-12), ("train_seconds", "training wall clock (s)", 1.0))
+  fig, axes = plt.subplots(len(xs), len(HEADLINE), figsize=(4.5 * len(HEADLINE), 7), squeeze=False)
+  for row, (xkey, xlabel, scale) in enumerate(xs):
+    for col, (ykey, ylabel) in enumerate(HEADLINE):
+      ax = axes[row][col]
+      for variant, c in data.items():
+        pts = [p for p in c["points"] if ykey in p]
+        if not pts:
+          continue
+        x = [p[xkey][0] * scale for p in pts]
+        mean = [p[ykey][0] for p in pts]
+        line, = ax.plot(x, mean, marker="o", label=f"{variant} ({len(c['seeds'])} seed"
+                        f"{'s' if len(c['seeds']) > 1 else ''})")
+        if len(c["seeds"]) > 1:
+          ax.fill_between(x, [p[ykey][1] for p in pts], [p[ykey][2] for p in pts],
+                          color=line.get_color(), alpha=0.2)
+      if baseline is not None and ykey in baseline["points"][-1]:
+        ax.axhline(baseline["points"][-1][ykey][0], color="grey", linestyle="--", linewidth=0.8)
+      if ykey in chance:
+        ax.axhline(chance[ykey], color="black", linestyle=":", linewidth=0.8)
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel(ylabel)
+      ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle("Sample efficiency (mean over seeds, band: min-max; dashed: mlm's final; "
+               "dotted: chance)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--variant", choices=sorted(VARIANTS))
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--budget_tflops", type=float, default=None,
+                      help=f"training budget (default {DEFAULT_BUDGET_TFLOPS:g}); with --report: "
+                      "the budget whose runs to report (default: the newest line's)")
+  parser.add_argument("--evals", type=int, default=4, help="evaluation points, at equal FLOP fractions")
+  parser.add_argument("--workdir_root", default=os.path.join("/tmp", "mmelectra_sample_efficiency"))
+  parser.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"))
+  parser.add_argument("--report", action="store_true", help="write the table and plot from the results")
+  args = parser.parse_args()
+  if args.report:
+    report(args.results_dir, args.budget_tflops)
+    return
+  if args.variant is None:
+    parser.error("--variant is required (or --report)")
+  import jax
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # as `mmelectra train`: no per-save INFO lines
+  jax.config.update("jax_threefry_partitionable", True)  # as `mmelectra train`
+  workdir_root, results_dir = os.path.abspath(args.workdir_root), os.path.abspath(args.results_dir)
+  # Every evaluation point compiles the same VQA step and evaluators again (new jitted
+  # closures): the persistent cache turns those compiles into look-ups.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir_root, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  os.chdir(ROOT)  # the config's data_dir (data/tfds) is relative to the repository
+  run(args.variant, args.seed, args.budget_tflops or DEFAULT_BUDGET_TFLOPS, args.evals,
+      workdir_root, results_dir)
+
+
+if __name__ == "__main__":
+  main()
