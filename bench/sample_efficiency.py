@@ -470,6 +470,24 @@ def plot(data: dict, path: str, baseline: dict | None, chance: dict) -> None:
   plt.close(fig)
 
 
+def vqa_from_random(pretrain_workdir: str, seed: int, workdir_root: str, results_dir: str) -> dict:
+  """The VQA probe of every point, from random weights: appends to vqa_from_random.jsonl."""
+  from mmelectra import finetune
+  config = vqa_config(pretrain_workdir, seed)
+  config.init_mode = "random"
+  start = time.perf_counter()
+  out = finetune.finetune(config, os.path.join(workdir_root, f"vqa_random_seed{seed}"))
+  record = {"seed": seed, "architecture_from": pretrain_workdir, "vqa": VQA,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": time.perf_counter() - start,
+            **{k: v for k, v in out.items() if k.startswith("vqa_acc")}}
+  os.makedirs(results_dir, exist_ok=True)
+  with open(os.path.join(results_dir, "vqa_from_random.jsonl"), "a") as f:
+    f.write(json.dumps(record) + "\n")
+  print(f"RESULT vqa_acc_random_init={record['vqa_acc']:.4f}")
+  return record
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--variant", choices=sorted(VARIANTS))
@@ -481,12 +499,15 @@ def main():
   parser.add_argument("--workdir_root", default=os.path.join("/tmp", "mmelectra_sample_efficiency"))
   parser.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"))
   parser.add_argument("--report", action="store_true", help="write the table and plot from the results")
+  parser.add_argument("--vqa_from_random", default="",
+                      help="a pretraining workdir: run the same VQA probe from random init of its "
+                      "architecture (the floor every pretrained point is compared with)")
   args = parser.parse_args()
   if args.report:
     report(args.results_dir, args.budget_tflops)
     return
-  if args.variant is None:
-    parser.error("--variant is required (or --report)")
+  if args.variant is None and not args.vqa_from_random:
+    parser.error("--variant is required (or --report, --vqa_from_random)")
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # as `mmelectra train`: no per-save INFO lines
@@ -497,6 +518,9 @@ def main():
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir_root, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   os.chdir(ROOT)  # the config's data_dir (data/tfds) is relative to the repository
+  if args.vqa_from_random:
+    vqa_from_random(os.path.abspath(args.vqa_from_random), args.seed, workdir_root, results_dir)
+    return
   run(args.variant, args.seed, args.budget_tflops or DEFAULT_BUDGET_TFLOPS, args.evals,
       workdir_root, results_dir)
 
