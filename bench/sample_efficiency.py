@@ -272,9 +272,12 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
 
 def protocol(budget_tflops: float, evals: int) -> dict:
   """What must be equal for two runs to be compared (the report keeps one protocol)."""
+  from configs import pretrain
   return {"budget_tflops": budget_tflops, "evals": evals, "size": SIZE, "batch_size": BATCH_SIZE,
           "data": DATA, "warmup_fraction": WARMUP_FRACTION, "retrieval_pool": RETRIEVAL_POOL,
-          "vqa": VQA}
+          "vqa": VQA,
+          # Regions per image are 1-4 crops: ceil vs stochastic mask counts differ a lot.
+          "mask_count": pretrain.get_config(f"size={SIZE},regions={DATA['regions']}").mask_count}
 
 
 # --- the report ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class ObjectiveConfig:
   region_mask_rate: float
   max_text_masked: int
   max_region_masked: int
+  mask_count: str  # "ceil" | "stochastic", see electra.num_to_mask
   itm_negative_fraction: float
   itm_input: str  # "corrupted" (the discriminator's pair) | "masked" (tied generator's pass)
   text_temperature: float
@@ -55,6 +56,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
       region_mask_rate=config.region_mask_rate,
       max_text_masked=electra.max_masked(text_len, config.text_mask_rate),
       max_region_masked=electra.max_masked(num_regions, config.region_mask_rate),
+      mask_count=config.get("mask_count", "ceil"),  # absent in configs saved before it existed
       itm_negative_fraction=config.itm_negative_fraction,
       itm_input=_itm_input(config),
       text_temperature=config.text_temperature,
@@ -105,10 +107,11 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _
   text_ids = collectives.take_rows(batch["text_ids"], source)
   text_mask = collectives.take_rows(batch["text_mask"], source).astype(bool)
   maskable = text_mask & ~jnp.isin(text_ids, jnp.asarray(ocfg.special_ids))
-  t_pos, t_w = electra.choose_mask_positions(rng_text, maskable, ocfg.text_mask_rate, ocfg.max_text_masked)
+  t_pos, t_w = electra.choose_mask_positions(rng_text, maskable, ocfg.text_mask_rate,
+                                             ocfg.max_text_masked, ocfg.mask_count)
   region_mask = batch["region_mask"].astype(bool)
   r_pos, r_w = electra.choose_mask_positions(rng_region, region_mask, ocfg.region_mask_rate,
-                                             ocfg.max_region_masked)
+                                             ocfg.max_region_masked, ocfg.mask_count)
   feats = batch["region_feats"]
   labels = batch.get("region_labels")
   if labels is None:

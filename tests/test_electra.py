@@ -35,6 +35,29 @@ def test_mask_counts_are_exact_and_avoid_excluded_positions():
   assert not (dense & ~maskable).any()
 
 
+def test_stochastic_mask_count_averages_the_rate_and_stays_in_range():
+  # Images with 1..4 regions: ceil masks one region of each, every time (25-100%);
+  # stochastic rounding masks rate * valid of them on average.
+  valid = np.array([1, 2, 3, 4] * 2000)
+  maskable = np.arange(4)[None, :] < valid[:, None]
+  rate = 0.15
+  m = electra.max_masked(4, rate)
+  ceil_w = np.asarray(electra.choose_mask_positions(jax.random.key(0), jnp.asarray(maskable), rate, m)[1])
+  assert (ceil_w.sum(1) == 1).all()
+  pos, w = electra.choose_mask_positions(jax.random.key(0), jnp.asarray(maskable), rate, m,
+                                         rounding="stochastic")
+  pos, w = np.asarray(pos), np.asarray(w)
+  counts = w.sum(1)
+  for n in range(1, 5):
+    mean = counts[valid == n].mean()
+    assert abs(mean - rate * n) < 0.04, (n, mean)
+  assert counts.min() == 0 and counts.max() <= m
+  dense = np.asarray(electra.positions_to_dense(jnp.asarray(pos), jnp.asarray(w), 4))
+  assert not (dense & ~maskable).any()
+  with pytest.raises(ValueError, match="rounding"):
+    electra.num_to_mask(jnp.asarray(maskable), rate, m, rounding="round")
+
+
 def test_mask_positions_vary_with_rng_and_example_with_nothing_maskable():
   maskable = _maskable()
   maskable[2] = False
