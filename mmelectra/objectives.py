@@ -56,7 +56,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
       region_mask_rate=config.region_mask_rate,
       max_text_masked=electra.max_masked(text_len, config.text_mask_rate),
       max_region_masked=electra.max_masked(num_regions, config.region_mask_rate),
-      mask_count=config.get("mask_count", "ceil"),  # absent in configs saved before it existed
+      mask_count=_mask_count(config),
       itm_negative_fraction=config.itm_negative_fraction,
       itm_input=_itm_input(config),
       text_temperature=config.text_temperature,
@@ -65,6 +65,13 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
       mask_id=int(special_token_ids["mask"]),
       special_ids=tuple(int(special_token_ids[k]) for k in ("cls", "sep", "pad")),
   )
+
+
+def _mask_count(config) -> str:
+  mask_count = config.get("mask_count", "ceil")  # absent in configs saved before it existed
+  if mask_count not in electra.MASK_COUNTS:
+    raise ValueError(f"config.mask_count must be one of {electra.MASK_COUNTS}, got {mask_count!r}")
+  return mask_count
 
 
 def _itm_input(config) -> str:

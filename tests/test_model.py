@@ -80,6 +80,12 @@ def test_tied_generator_runs_the_discriminators_encoder():
   assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) > 0
 
 
+def test_an_unknown_mask_count_is_an_error_naming_the_key():
+  import pytest
+  with pytest.raises(ValueError, match="config.mask_count"):
+    objectives.objective_config_from(micro_config(mask_count="round"), SPECIAL_IDS)
+
+
 def test_itm_on_the_masked_pair_needs_a_tied_generator_and_reads_its_pass():
   import pytest
   with pytest.raises(ValueError, match="generator_tied"):
