@@ -67,17 +67,21 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
   )
 
 
+def _choice(config, key: str, choices: tuple[str, ...]) -> str:
+  """`config[key]`, one of `choices`; the first choice where a config saved before the
+  field existed lacks it."""
+  value = config.get(key, choices[0])
+  if value not in choices:
+    raise ValueError(f"config.{key} must be one of {choices}, got {value!r}")
+  return value
+
+
 def _mask_count(config) -> str:
-  mask_count = config.get("mask_count", "ceil")  # absent in configs saved before it existed
-  if mask_count not in electra.MASK_COUNTS:
-    raise ValueError(f"config.mask_count must be one of {electra.MASK_COUNTS}, got {mask_count!r}")
-  return mask_count
+  return _choice(config, "mask_count", electra.MASK_COUNTS)
 
 
 def _itm_input(config) -> str:
-  itm_input = config.get("itm_input", "corrupted")
-  if itm_input not in ("corrupted", "masked"):
-    raise ValueError(f"config.itm_input must be 'corrupted' or 'masked', got {itm_input!r}")
+  itm_input = _choice(config, "itm_input", ("corrupted", "masked"))
   if itm_input == "masked" and config.objective == "electra" and not config.model.get("generator_tied", False):
     raise ValueError("config.itm_input='masked' needs config.model.generator_tied=True: only then "
                      "is the generator's encoder the deployed fusion encoder")
@@ -138,6 +142,13 @@ def _mlm_terms(mlm_logits, x: _Inputs, loss_weight: Array):
   mlm = electra.cross_entropy(mlm_logits, target, loss_weight)
   acc = electra.accuracy_sums(electra.argmax(mlm_logits), target, loss_weight)
   return mlm, acc
+
+
+def _itm_terms(itm_logits, x: _Inputs):
+  """L5 and itm_acc over the real examples; label 1 for a matched pair."""
+  labels = x.matched.astype(jnp.int32)
+  itm = electra.cross_entropy(itm_logits, labels, x.example)
+  return itm, electra.accuracy_sums(electra.argmax(itm_logits), labels, x.example)
 
 
 def _region_embeddings(model: MMElectra, params, x: _Inputs) -> tuple[Array, Array]:
@@ -243,9 +254,7 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   region_w = x.region_mask * pair_w[:, None]
   rtd = electra.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = electra.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
-  itm_logits = generated[2] if itm_on_masked else disc_itm_logits
-  itm_labels = x.matched.astype(jnp.int32)
-  itm = electra.cross_entropy(itm_logits, itm_labels, x.example)
+  itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else disc_itm_logits, x)
 
   losses = {"moc": moc, "mlm": mlm, "r2d": r2d, "rtd": rtd, "itm": itm}
   loss = electra.weighted_total({k: electra.mean(v) for k, v in losses.items()}, ocfg.weights)
@@ -255,7 +264,7 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
     sums["moc_acc"] = moc_acc
   sums.update(electra.binary_metric_sums("rtd", rtd_logits, rtd_labels, text_w))
   sums.update(electra.binary_metric_sums("r2d", r2d_logits, r2d_labels, region_w))
-  sums["itm_acc"] = electra.accuracy_sums(electra.argmax(itm_logits), itm_labels, x.example)
+  sums["itm_acc"] = itm_acc
   masked_text = electra.positions_to_dense(x.text_positions, x.text_weights * pair_w[:, None],
                                            x.text_ids.shape[1])
   masked_regions = electra.positions_to_dense(x.region_positions, x.region_weights * pair_w[:, None],
@@ -281,15 +290,14 @@ def mlm_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
       method=MMElectra.predict_masked, rngs={"dropout": rng_model})
   mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
   moc, moc_acc, _ = _moc_terms(moc_out, embeds, x, region_loss_w, ocfg)
-  itm_labels = x.matched.astype(jnp.int32)
-  itm = electra.cross_entropy(itm_logits, itm_labels, x.example)
+  itm, itm_acc = _itm_terms(itm_logits, x)
   losses = {"moc": moc, "mlm": mlm, "itm": itm}
   loss = electra.weighted_total({k: electra.mean(v) for k, v in losses.items()}, ocfg.weights)
   sums = {f"{k}_loss": v for k, v in losses.items()}
   sums["mlm_acc"] = mlm_acc
   if moc_acc is not None:
     sums["moc_acc"] = moc_acc
-  sums["itm_acc"] = electra.accuracy_sums(electra.argmax(itm_logits), itm_labels, x.example)
+  sums["itm_acc"] = itm_acc
   sums["loss"] = (loss * x.example.sum(), x.example.sum())
   return loss, sums
 
