@@ -22,6 +22,10 @@ def get_config(arg=None):
   c.total_steps = 3000
   c.log_every = 50
   c.dropout_rate = -1.0  # -1: the pretraining config's
+  # Encoder layers as one nn.scan per stack (model.scan_layers in configs/pretrain.py):
+  # -1: the pretraining config's, 0: unrolled, 1: scanned. Either layout loads either's
+  # checkpoint (init_from matches parameters in the unrolled layout).
+  c.scan_layers = -1
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=300, schedule="linear", end_learning_rate_fraction=0.0,
       b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, grad_clip_norm=1.0,

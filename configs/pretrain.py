@@ -44,6 +44,8 @@ LOGICAL_AXIS_RULES = (
     ("box", None),
     ("classes", None),
     ("norm", None),
+    # model.scan_layers' stacked-layer axis: not split, each device has its shard of every layer.
+    ("layers", None),
 )
 
 
@@ -114,6 +116,11 @@ def get_config(arg=None):
       layer_norm_eps=1e-12, dropout_rate=0.1, attention_dropout_rate=0.1,
       dtype="float32",  # compute dtype: float32 | bfloat16; parameters stay float32
       remat=False,
+      # One nn.scan per layer stack instead of unrolled layers (MaxText's scan_layers):
+      # compiles one layer per stack, several times faster for base/large. Parameters are
+      # stacked (encoder/l_layers/..., leading axis "layers"); export, init_from and
+      # fine-tuning convert to the unrolled layout (model.unscan_params).
+      scan_layers=False,
       generator_width_ratio=0.25,
       # Tie all generator and discriminator encoder weights (ELECTRA sec. 3.2); the
       # generator is then full width and generator_width_ratio is unused.

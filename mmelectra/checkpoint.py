@@ -14,6 +14,8 @@ complete, so a run killed mid-save leaves no half checkpoint that a restart coul
 
 `load_pretrained_params` is the `init_from` path: another run's parameters (only) into a
 new model, by name, with a report of what was loaded, newly initialised and dropped.
+Names are matched in the unrolled layer layout, so either side may use
+`model.scan_layers` (see `model.unscan_params`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from mmelectra import model as model_lib
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -236,6 +240,30 @@ def resolve_state_dir(path: str) -> epath.Path:
   return p / str(max(steps)) / STATE
 
 
+@dataclasses.dataclass(frozen=True)
+class _SavedParam:
+  """A checkpoint parameter, or one layer (`index`) of a stacked (`scan_layers`) one:
+  `model.unscan_params` slices it like an array, so both layouts match by unrolled name."""
+
+  name: str  # in the checkpoint
+  saved_shape: tuple[int, ...]
+  index: int | None = None
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.saved_shape if self.index is None else self.saved_shape[1:]
+
+  def __getitem__(self, i: int) -> "_SavedParam":
+    return _SavedParam(self.name, self.saved_shape, i)
+
+
+def _replicated_like(leaf) -> jax.sharding.Sharding:
+  sharding = getattr(leaf, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def load_pretrained_params(init_from: str, target_params, *,
                            rename: Callable[[str], str | None] | None = None,
                            allow_shape_mismatch: bool = False):
@@ -246,7 +274,7 @@ def load_pretrained_params(init_from: str, target_params, *,
       step directory `.../checkpoints/<step>`, or its `state` directory.
     target_params: the new model's initialised parameters (arrays; each loaded parameter
       takes the sharding and dtype of the array it replaces).
-    rename: maps a checkpoint parameter name (e.g. "encoder/lang_0/attention/query/kernel",
+    rename: maps a checkpoint parameter name (e.g. "encoder/l_layer_0/attention/query/kernel",
       without the "params/" prefix) to the target's name, or None to drop it.
     allow_shape_mismatch: if False (default) a parameter present on both sides with
       different shapes is an error naming it; if True it keeps its new initialisation and
@@ -255,13 +283,21 @@ def load_pretrained_params(init_from: str, target_params, *,
   Returns:
     (params, report): params has the structure of `target_params`; report is an InitReport.
     Only parameters are read: no optimizer state, step or data position.
+
+  Names (in `rename` and the report) are those of the unrolled layout (`l_layer_{i}`),
+  whether the checkpoint, the target or both use `model.scan_layers`; a stacked
+  checkpoint parameter is read whole (replicated) and sliced into its layers.
   """
   state_dir = resolve_state_dir(init_from)
   saved_tree = _metadata_tree(state_dir)
   if "params" not in saved_tree:
     raise ValueError(f"init_from: {state_dir} holds no 'params' (keys: {sorted(saved_tree)})")
-  saved = flatten_names(saved_tree["params"])
-  target = flatten_names(target_params)
+  saved = flatten_names(model_lib.unscan_params(jax.tree_util.tree_map_with_path(
+      lambda path, m: _SavedParam("/".join(_key_name(k) for k in path), tuple(m.shape)),
+      saved_tree["params"])))
+  canonical_target = model_lib.unscan_params(target_params)
+  target = flatten_names(canonical_target)
+  target_is_scanned = set(target) != set(flatten_names(target_params))
 
   source_of: dict[str, str] = {}  # target name -> checkpoint name
   dropped = []
@@ -296,14 +332,28 @@ def load_pretrained_params(init_from: str, target_params, *,
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
 
-    item = {"params": _unflatten_names({source_of[n]: abstract(target[n]) for n in loaded})}
+    wanted = {}  # checkpoint name -> what to restore it as
+    for n in loaded:
+      src = saved[source_of[n]]
+      if src.index is None:
+        wanted[src.name] = abstract(target[n])
+      elif src.name not in wanted:
+        wanted[src.name] = jax.ShapeDtypeStruct(src.saved_shape, target[n].dtype,
+                                                sharding=_replicated_like(target[n]))
+    item = {"params": _unflatten_names(wanted)}
     restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
     restored = flatten_names(restored["params"])
     for n in loaded:
-      values[n] = restored[source_of[n]]
+      src = saved[source_of[n]]
+      values[n] = (restored[src.name] if src.index is None
+                   else jax.device_put(restored[src.name][src.index], abstract(target[n]).sharding))
   leaves = [values[n] for n in target]
+  if target_is_scanned:
+    stacked = model_lib.scan_params(jax.tree.unflatten(jax.tree.structure(canonical_target), leaves))
+    leaves = [jax.device_put(v, t.sharding) if isinstance(t, jax.Array) else v
+              for v, t in zip(jax.tree.leaves(stacked), jax.tree.leaves(target_params), strict=True)]
   treedef = jax.tree.structure(target_params)
   report = InitReport(str(state_dir), tuple(loaded), tuple(new), tuple(mismatched), tuple(dropped))
   logging.info("%s", report.summary())

@@ -14,6 +14,12 @@ plan: a TPU or GPU compiler fuses and schedules differently, so treat them as an
 (close for parameters and optimizer state, rougher for temporaries). `--topology`
 compiles for a real TPU topology through `jax.experimental.topologies` where this
 machine can describe one (it needs libtpu); otherwise it says so and stops.
+
+Compile time grows with the number of layers, which XLA compiles one by one when they are
+unrolled (the default). `--config.model.scan_layers=True` compiles one layer per stack
+(`nn.scan`, as MaxText does): size=base on 8 devices (mesh 1,8,1) compiles in 23 s instead
+of 73 s on a 2-core CPU. Parameter and optimizer-state bytes are the same; XLA plans the
+temporaries differently (for base, 854 MiB instead of 1,400 MiB per device).
 """
 
 from __future__ import annotations

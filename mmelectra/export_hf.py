@@ -16,6 +16,10 @@ Layout changes, all exact (reshapes and transposes, no arithmetic): a Linen kern
 (`query [E, H, D]`, fused `key_value [E, 2, H, D]`, `output [H, D, E]`), torch's are flat
 with head-major `H * D`; LayerNorm `scale` is torch's `weight`.
 
+The map is written for the unrolled layer layout; a run with `model.scan_layers` (stacked
+`encoder/l_layers/...`) is converted with `model.unscan_params` on export and
+`model.scan_params` on import.
+
 `transformers` and `torch` (the `export` extra) are imported inside the functions that
 need them, so the rest of mmelectra never pays for them.
 """
@@ -392,8 +396,9 @@ def export(params, config, tokenizer, out_dir: str, *, step: int = 0, export_hea
            seed: int = 0) -> dict:
   """Writes a Hugging Face LXMERT directory; returns what was written (`mmelectra_export.json`).
 
-  `params`: the full Linen params of `MMElectra` (pretraining-only parts are dropped);
-  `config`: the finalized run config; `tokenizer`: the run's `tokenizers.Tokenizer`.
+  `params`: the full Linen params of `MMElectra`, either layer layout (pretraining-only
+  parts are dropped); `config`: the finalized run config; `tokenizer`: the run's
+  `tokenizers.Tokenizer`.
   `export_heads` also writes the discriminator's (or MLM baseline's) pretraining heads, in
   torch layout, to `mmelectra_heads.safetensors` (for analysis; transformers ignores it).
   """
@@ -406,6 +411,7 @@ def export(params, config, tokenizer, out_dir: str, *, step: int = 0, export_hea
   cfg = model_lib.model_config_from(config)
   special = tokenizer_lib.special_token_ids(tokenizer)
   hf_config = hf_config_from(cfg, pad_token_id=special["pad"])
+  params = model_lib.unscan_params(params)
   sd, untrained = _hf_state_dict(params, cfg, seed)
   os.makedirs(out_dir, exist_ok=True)
   with torch.device("meta"):
@@ -651,13 +657,15 @@ def import_hf(hf_dir: str, workdir: str, base_config=None, seed: int = 0) -> dic
       entries += heads
   loaded = params_from_hf(sd, entries)
   state = train.init_state(setup, seed)
-  params = state["params"]
+  params = model_lib.unscan_params(state["params"])
   for e in entries:
     old = _get(params, e.path)
     new = _get(loaded, e.path)
     if old.shape != new.shape:
       raise ValueError(f"{'/'.join(e.path)}: HF gives shape {new.shape}, mmelectra expects {old.shape}")
     _set(params, e.path, jax.device_put(new.astype(old.dtype), old.sharding))
+  state["params"] = (jax.device_put(model_lib.scan_params(params), setup.state_shardings["params"])
+                     if cfg.encoder.scan_layers else params)
   loaded_paths = {"/".join(e.path) for e in entries}
   fresh = sorted("/".join(str(getattr(k, "key", k)) for k in path)
                  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]

@@ -79,7 +79,8 @@ class VQAHead(nn.Module):
 # --- optimizer: layer-wise learning-rate decay and a head learning rate ------------------
 def layer_depths(params, enc: model_lib.EncoderConfig) -> dict:
   """Depth of each parameter: embeddings 0, L/R layer i at i + 1, X layer i after the
-  deeper single-modality stack, pooler and heads on top (N + 1 for N layers)."""
+  deeper single-modality stack, pooler and heads on top (N + 1 for N layers).
+  `params` in the unrolled layout (`model.unscan_params`)."""
   single = max(enc.l_layers, enc.r_layers)
   top = single + enc.x_layers + 1
 
@@ -96,20 +97,30 @@ def layer_depths(params, enc: model_lib.EncoderConfig) -> dict:
 
 def lr_multipliers(params, enc: model_lib.EncoderConfig, layer_decay: float, head: str,
                    head_multiplier: float) -> dict:
-  """Per-parameter learning-rate factor: `layer_decay ** (top - depth)`, the head's own."""
-  depths = layer_depths(params, enc)
+  """Per-parameter learning-rate factor: `layer_decay ** (top - depth)`, the head's own.
+
+  In the layout of `params`: with `enc.scan_layers`, a stacked parameter's factor is a
+  vector, one per layer (`scale_by_tree` broadcasts it over the leading axis).
+  """
+  depths = layer_depths(model_lib.unscan_params(params), enc)
   top = max(enc.l_layers, enc.r_layers) + enc.x_layers + 1
   mult = jax.tree.map(lambda d: float(layer_decay) ** (top - d), depths)
   if head in mult:
     mult[head] = jax.tree.map(lambda _: float(head_multiplier), mult[head])
-  return mult
+  return model_lib.scan_params(mult) if enc.scan_layers else mult
 
 
 def scale_by_tree(multipliers) -> optax.GradientTransformation:
-  """Multiplies each update by its own constant (after AdamW: the learning rate's factor)."""
+  """Multiplies each update by its own constant (after AdamW: the learning rate's factor);
+  a constant of lower rank applies along the update's leading axes (scanned layers)."""
+  def scale(u, m):
+    if np.ndim(m):  # one factor per layer of a stacked parameter
+      m = np.asarray(m, np.float32).reshape(np.shape(m) + (1,) * (u.ndim - np.ndim(m)))
+    return u * m
+
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+    return jax.tree.map(scale, updates, multipliers), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
@@ -246,6 +257,9 @@ def build_task(config) -> tuple[Task, dict]:
   if config.dropout_rate >= 0:
     enc = dataclasses.replace(enc, dropout_rate=config.dropout_rate,
                               attention_dropout_rate=config.dropout_rate)
+  # .get: fine-tuning configs saved before the option existed lack the field.
+  if config.get("scan_layers", -1) >= 0:
+    enc = dataclasses.replace(enc, scan_layers=bool(config.scan_layers))
   model = MMElectra(dataclasses.replace(mcfg, encoder=enc, generator=None))
   data = {}
   answers, head = [], None

@@ -13,17 +13,27 @@ maps them to the `(data, fsdp, model)` mesh. Activations carry logical constrain
 The generator (ELECTRA) is the same `Encoder` class at a fraction of the width. It reads
 the discriminator's embedding outputs (the word table and visual projection are shared,
 not copied) through one dense projection that adapts the width.
+
+`model.scan_layers=True` runs each layer stack (L, R, X) as one `nn.scan` over stacked
+parameters (`encoder/l_layers/...` with a leading "layers" axis) instead of unrolled
+`l_layer_{i}` modules, as MaxText does: XLA then compiles one layer per stack, not every
+layer (`compile-check` of base on 8 devices: 23 s instead of 73 s). The unrolled layout
+is the canonical one (export, init_from and fine-tuning name parameters by it);
+`scan_params` / `unscan_params` convert between the two exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmelectra.electra import gather
 
@@ -50,6 +60,7 @@ class EncoderConfig:
   attention_dropout_rate: float = 0.1
   dtype: DType = jnp.float32
   remat: bool = False
+  scan_layers: bool = False  # one nn.scan per layer stack (see the module docstring)
 
   @property
   def head_dim(self) -> int:
@@ -195,13 +206,61 @@ class CrossModalityLayer(nn.Module):
 
 def _maybe_remat(module_cls, cfg: EncoderConfig):
   if cfg.remat:
-    # Deterministic flag is static: it selects code, it is not data.
-    return nn.remat(module_cls, static_argnums=(-1,))
+    # The deterministic flag (the last argument) is static: it selects code, it is not
+    # data. nn.remat counts `self` as argument 0 and turns -1 into the wrong index, so
+    # count from the front. Inside nn.scan, CSE prevention is unnecessary (flax docs).
+    last = len(inspect.signature(module_cls.__call__).parameters) - 1
+    return nn.remat(module_cls, static_argnums=(last,), prevent_cse=not cfg.scan_layers)
   return module_cls
 
 
+_LANG_AXES = ("batch", "length", "act_embed")
+_VIS_AXES = ("batch", "regions", "act_embed")
+
+
+class _ScanTransformerLayer(TransformerLayer):
+  """`TransformerLayer` as an `nn.scan` body: `(carry, None)` out, constraint inside.
+
+  A subclass, not a wrapper, so each stacked copy has exactly one layer's parameter tree.
+  """
+
+  axes: tuple[str, ...] = _LANG_AXES
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> tuple[Array, None]:
+    x = super().__call__(x, mask, deterministic)
+    return nn.with_logical_constraint(x, self.axes), None
+
+
+class _ScanCrossModalityLayer(CrossModalityLayer):
+  """`CrossModalityLayer` as an `nn.scan` body over the carry `(lang, vis)`."""
+
+  @nn.compact
+  def __call__(self, carry: tuple[Array, Array], lang_mask: Array, vis_mask: Array,
+               deterministic: bool) -> tuple[tuple[Array, Array], None]:
+    lang, vis = super().__call__(carry[0], lang_mask, carry[1], vis_mask, deterministic)
+    lang = nn.with_logical_constraint(lang, _LANG_AXES)
+    return (lang, nn.with_logical_constraint(vis, _VIS_AXES)), None
+
+
+def _scanned(body_cls, cfg: EncoderConfig, length: int, num_broadcast: int):
+  """`body_cls` (rematted inside, as MaxText does) scanned `length` times; the parameters
+  stack on a leading logical axis "layers" (unsharded: see LOGICAL_AXIS_RULES)."""
+  return nn.scan(
+      _maybe_remat(body_cls, cfg),
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * num_broadcast,  # masks and the (static) deterministic flag
+      length=length,
+      metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 class Encoder(nn.Module):
-  """L language layers, R region layers, then X cross-modality layers."""
+  """L language layers, R region layers, then X cross-modality layers.
+
+  Unrolled (`l_layer_{i}`, `r_layer_{i}`, `x_layer_{i}`), or with `cfg.scan_layers` one
+  scanned stack each (`l_layers`, `r_layers`, `x_layers`; none for a stack of 0 layers).
+  """
 
   cfg: EncoderConfig
 
@@ -209,19 +268,77 @@ class Encoder(nn.Module):
   def __call__(self, lang: Array, lang_mask: Array, vis: Array, vis_mask: Array,
                deterministic: bool) -> tuple[Array, Array]:
     cfg = self.cfg
+    if cfg.scan_layers:
+      if cfg.l_layers:
+        lang, _ = _scanned(_ScanTransformerLayer, cfg, cfg.l_layers, 2)(
+            cfg, axes=_LANG_AXES, name="l_layers")(lang, lang_mask, deterministic)
+      if cfg.r_layers:
+        vis, _ = _scanned(_ScanTransformerLayer, cfg, cfg.r_layers, 2)(
+            cfg, axes=_VIS_AXES, name="r_layers")(vis, vis_mask, deterministic)
+      if cfg.x_layers:
+        (lang, vis), _ = _scanned(_ScanCrossModalityLayer, cfg, cfg.x_layers, 3)(
+            cfg, name="x_layers")((lang, vis), lang_mask, vis_mask, deterministic)
+      return lang, vis
     layer_cls = _maybe_remat(TransformerLayer, cfg)
     x_layer_cls = _maybe_remat(CrossModalityLayer, cfg)
     for i in range(cfg.l_layers):
       lang = layer_cls(cfg, name=f"l_layer_{i}")(lang, lang_mask, deterministic)
-      lang = nn.with_logical_constraint(lang, ("batch", "length", "act_embed"))
+      lang = nn.with_logical_constraint(lang, _LANG_AXES)
     for i in range(cfg.r_layers):
       vis = layer_cls(cfg, name=f"r_layer_{i}")(vis, vis_mask, deterministic)
-      vis = nn.with_logical_constraint(vis, ("batch", "regions", "act_embed"))
+      vis = nn.with_logical_constraint(vis, _VIS_AXES)
     for i in range(cfg.x_layers):
       lang, vis = x_layer_cls(cfg, name=f"x_layer_{i}")(lang, lang_mask, vis, vis_mask, deterministic)
-      lang = nn.with_logical_constraint(lang, ("batch", "length", "act_embed"))
-      vis = nn.with_logical_constraint(vis, ("batch", "regions", "act_embed"))
+      lang = nn.with_logical_constraint(lang, _LANG_AXES)
+      vis = nn.with_logical_constraint(vis, _VIS_AXES)
     return lang, vis
+
+
+# --- scanned <-> unrolled parameter layout ---------------------------------------------
+# Stack name under `scan_layers` -> the unrolled prefix of its layers (`l_layer_{i}`).
+_STACKS = {"l_layers": "l_layer", "r_layers": "r_layer", "x_layers": "x_layer"}
+_STACK_OF = {prefix: stack for stack, prefix in _STACKS.items()}
+_UNROLLED_LAYER = re.compile(r"^([lrx]_layer)_(\d+)$")
+
+
+def unscan_params(tree):
+  """Stacked layers (`l_layers`, ...) -> one subtree per layer (`l_layer_{i}`, ...),
+  wherever they are in the tree (encoder, generator). A tree without stacks comes back
+  with the same leaves. Leaves need only `.shape` and `[i]`; the result is plain dicts."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for key, sub in tree.items():
+    if key in _STACKS and isinstance(sub, Mapping):
+      for i in range(jax.tree.leaves(sub)[0].shape[0]):
+        out[f"{_STACKS[key]}_{i}"] = jax.tree.map(lambda x, i=i: x[i], sub)
+    else:
+      out[key] = unscan_params(sub)
+  return out
+
+
+def _stack(xs):
+  # numpy in, numpy out (export and LLRD work on host values); jax arrays stay on device.
+  return jnp.stack(xs) if any(isinstance(x, jax.Array) for x in xs) else np.stack(xs)
+
+
+def scan_params(tree):
+  """The inverse of `unscan_params`: `l_layer_0 ... l_layer_{n-1}` -> `l_layers` stacked
+  on a new leading axis, and so for `r_` and `x_`."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out, layers = {}, {}
+  for key, sub in tree.items():
+    match = _UNROLLED_LAYER.match(key) if isinstance(sub, Mapping) else None
+    if match:
+      layers.setdefault(match[1], {})[int(match[2])] = sub
+    else:
+      out[key] = scan_params(sub)
+  for prefix, by_index in layers.items():
+    if sorted(by_index) != list(range(len(by_index))):
+      raise ValueError(f"cannot stack {prefix}_*: layer indices {sorted(by_index)} are not 0..n-1")
+    out[_STACK_OF[prefix]] = jax.tree.map(lambda *xs: _stack(xs), *(by_index[i] for i in range(len(by_index))))
+  return out
 
 
 class TextEmbeddings(nn.Module):
@@ -382,7 +499,9 @@ def model_config_from(config) -> ModelConfig:
       hidden_size=m.hidden_size, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       l_layers=m.l_layers, r_layers=m.r_layers, x_layers=m.x_layers,
       layer_norm_eps=m.layer_norm_eps, dropout_rate=m.dropout_rate,
-      attention_dropout_rate=m.attention_dropout_rate, dtype=dtype, remat=m.remat)
+      attention_dropout_rate=m.attention_dropout_rate, dtype=dtype, remat=m.remat,
+      # .get: run configs saved before the option existed lack the field.
+      scan_layers=bool(m.get("scan_layers", False)))
   gen = None
   # .get: run configs saved before the option existed lack the field.
   tied = config.objective == "electra" and bool(m.get("generator_tied", False))
