@@ -11,6 +11,7 @@ kept at `--evals` equal fractions of the budget and appends one JSON line to
 
 Variants (METHOD.md: a zero loss weight switches a loss off; `moc` picks the region mode):
   electra       the method: generator + RTD + R2D + ITM, MOC `sample`
+  electra_tied  electra with the tied generator (`generator=tied`), see README
   mlm           the LXMERT-style baseline (no generator): MLM + MOC + ITM on the encoder
   no_r2d        electra with loss_weights.r2d = 0 (no region discriminator)
   no_rtd        electra with loss_weights.rtd = 0 (no token discriminator)
@@ -52,6 +53,9 @@ VARIANTS = {
     "no_r2d": ("objective=electra", {"loss_weights.r2d": 0.0}),
     "no_rtd": ("objective=electra", {"loss_weights.rtd": 0.0}),
     "moc_regress": ("objective=electra,moc=regress", {}),
+    # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
+    # masked pass, discriminator weights 1 -- the one electra setting that learns ITM.
+    "electra_tied": ("objective=electra,generator=tied", {}),
 }
 SIZE = "small"
 BATCH_SIZE = 64
@@ -499,6 +503,8 @@ def main():
                       help=f"training budget (default {DEFAULT_BUDGET_TFLOPS:g}); with --report: "
                       "the budget whose runs to report (default: the newest line's)")
   parser.add_argument("--evals", type=int, default=4, help="evaluation points, at equal FLOP fractions")
+  parser.add_argument("--vqa_steps", type=int, default=VQA["steps"],
+                      help="steps of the VQA fine-tune probe (warmup 10%%); part of the protocol")
   parser.add_argument("--workdir_root", default=os.path.join("/tmp", "mmelectra_sample_efficiency"))
   parser.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"))
   parser.add_argument("--report", action="store_true", help="write the table and plot from the results")
@@ -506,6 +512,8 @@ def main():
                       help="a pretraining workdir: run the same VQA probe from random init of its "
                       "architecture (the floor every pretrained point is compared with)")
   args = parser.parse_args()
+  if args.vqa_steps != VQA["steps"]:
+    VQA.update(steps=args.vqa_steps, warmup_steps=max(1, args.vqa_steps // 10))
   if args.report:
     report(args.results_dir, args.budget_tflops)
     return

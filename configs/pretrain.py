@@ -5,6 +5,10 @@ Argument string (comma separated, all optional):
   objective=electra|mlm         ELECTRA (generator + RTD/R2D) or the LXMERT-style baseline
   regions=patches|crops         region features from image patches or object crops
   moc=sample|regress|classify   masked-object mode
+  generator=small|tied          electra's generator: `small` (METHOD.md decision 3: the
+                                encoder at generator_width_ratio of the width) or `tied`
+                                (ELECTRA sec. 3.2: the discriminator's own encoder, ITM on
+                                its masked pass, discriminator weights 1; see README)
   runlocal                      shrink steps and data for a quick laptop run
 Every field can be overridden with `--config.key=value`; the dict is locked, so a
 mistyped key is an error naming it.
@@ -54,10 +58,12 @@ def _parse(arg):
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
     out[key.strip()] = value.strip() if value else True
-  unknown = set(out) - {"size", "objective", "regions", "moc", "runlocal"}
+  unknown = set(out) - {"size", "objective", "regions", "moc", "generator", "runlocal"}
   if unknown:
     raise ValueError(f"unknown config argument(s) {sorted(unknown)}; "
-                     "expected size, objective, regions, moc, runlocal")
+                     "expected size, objective, regions, moc, generator, runlocal")
+  if out.get("generator", "small") not in ("small", "tied"):
+    raise ValueError(f"generator={out['generator']!r}; expected small or tied")
   return out
 
 
@@ -95,10 +101,16 @@ def get_config(arg=None):
   # Which pair the ITM head reads: "corrupted" (the discriminator's input) or "masked"
   # (the generator's input; only with model.generator_tied, where that pass runs the
   # deployed encoder, as the mlm baseline's ITM does).
-  c.itm_input = "corrupted"
+  # generator=tied: the tied generator's masked pass runs the deployed encoder, so ITM
+  # reads it (as the baseline's does), and the discriminator weights drop to 1: at 50 the
+  # RTD/R2D gradient drowns the MLM signal that grounds that encoder (README "Known gap").
+  tied = args.get("generator") == "tied"
+  c.itm_input = "masked" if tied else "corrupted"
   c.text_temperature = 1.0
   c.region_temperature = 1.0
-  c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=50.0, rtd=50.0, itm=1.0))
+  disc_weight = 1.0 if tied else 50.0
+  c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=disc_weight,
+                                                  rtd=disc_weight, itm=1.0))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4 if size in ("tiny", "small") else 1e-4,
@@ -117,14 +129,14 @@ def get_config(arg=None):
       dtype="float32",  # compute dtype: float32 | bfloat16; parameters stay float32
       remat=False,
       # One nn.scan per layer stack instead of unrolled layers (MaxText's scan_layers):
-      # compiles one layer per stack, several times faster for base/large. Parameters are
-      # stacked (encoder/l_layers/..., leading axis "layers"); export, init_from and
-      # fine-tuning convert to the unrolled layout (model.unscan_params).
+      # XLA compiles one layer per stack, ~3x faster for base. Parameters are stacked
+      # (encoder/l_layers/..., leading axis "layers"); export, init_from and fine-tuning
+      # convert to the unrolled layout (model.unscan_params).
       scan_layers=False,
       generator_width_ratio=0.25,
       # Tie all generator and discriminator encoder weights (ELECTRA sec. 3.2); the
       # generator is then full width and generator_width_ratio is unused.
-      generator_tied=False,
+      generator_tied=tied,
       moc_mode=args.get("moc", "sample"),
       vocab_size=128,  # >= the tokenizer's size; 30522 for a BERT vocabulary
       max_position=512,

@@ -188,6 +188,16 @@ def _parse_cli_config(argv):
   return holder.value
 
 
+def test_generator_argument_selects_the_tied_variant_and_rejects_others():
+  from configs import pretrain
+  tied, small = pretrain.get_config("size=tiny,generator=tied"), pretrain.get_config("size=tiny")
+  assert (tied.model.generator_tied, tied.itm_input, tied.loss_weights.rtd, tied.loss_weights.r2d) == (
+      True, "masked", 1.0, 1.0)
+  assert (small.model.generator_tied, small.itm_input, small.loss_weights.rtd) == (False, "corrupted", 50.0)
+  with pytest.raises(ValueError, match="generator='big'"):
+    pretrain.get_config("generator=big")
+
+
 def test_unknown_config_key_is_an_error_naming_it():
   from conftest import ROOT
   base = ["mmelectra", f"--config={ROOT}/configs/pretrain.py:size=tiny"]
