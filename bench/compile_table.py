@@ -48,11 +48,8 @@ print("CELL " + json.dumps(r))
 
 
 def run_cell(size: str, n: int, mesh: tuple[int, int, int], batch: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  from mmelectra import compile_check  # only for its flags
-  flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-  env["XLA_FLAGS"] = (f"{flags} {compile_check.FAST_CODEGEN_FLAGS} "
-                      f"--xla_force_host_platform_device_count={n}").strip()
+  from mmelectra import compile_check
+  env = dict(compile_check.simulated_cpu_env(n), PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, "-c", _CELL, size, ",".join(map(str, mesh)), str(batch), str(n)],
                        env=env, cwd=ROOT, capture_output=True, text=True)
   for line in out.stdout.splitlines():

@@ -63,13 +63,19 @@ def ensure_cpu_devices(num_devices: int) -> bool:
 
 
 def rerun_in_subprocess(argv: list[str], num_devices: int) -> int:
+  env = dict(simulated_cpu_env(num_devices), **{CHILD_ENV: "1"})
+  return subprocess.call([sys.executable, "-m", "mmelectra.main", *argv[1:]], env=env)
+
+
+def simulated_cpu_env(num_devices: int) -> dict[str, str]:
+  """This process's environment for a child with `num_devices` simulated CPU devices and
+  the compile-only code generation flags."""
   env = dict(os.environ)
-  env[CHILD_ENV] = "1"
   env["JAX_PLATFORMS"] = "cpu"
   flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                    if "xla_force_host_platform_device_count" not in f)
   env["XLA_FLAGS"] = f"{flags} {FAST_CODEGEN_FLAGS} --xla_force_host_platform_device_count={num_devices}".strip()
-  return subprocess.call([sys.executable, "-m", "mmelectra.main", *argv[1:]], env=env)
+  return env
 
 
 def _tree_bytes(abstract_tree) -> int:
