@@ -7,12 +7,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+import contextlib  # noqa: E402
+
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import pretrain  # noqa: E402
 
 SPECIAL_IDS = dict(pad=0, unk=1, cls=2, sep=3, mask=4)
+
+
+@contextlib.contextmanager
+def most_optimizations_disabled():
+  """XLA's cheapest pipeline: compile time dominates the tiny programs of the tests."""
+  import jax
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """`most_optimizations_disabled` for a whole module: `pytestmark = usefixtures(...)`."""
+  with most_optimizations_disabled():
+    yield
 
 
 def micro_config(objective="electra", moc="sample", **overrides):
@@ -94,10 +115,6 @@ def tiny_pretrained_run(tmp_path_factory):
 
   from mmelectra import train
   root = tmp_path_factory.mktemp("tiny_run")
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates
-  try:
+  with most_optimizations_disabled():
     train.train_and_evaluate(tiny_run_config(str(root / "tfds"), 3), str(root / "run"))
-  finally:
-    jax.config.update("jax_disable_most_optimizations", before)
   return str(root / "run")

@@ -5,7 +5,6 @@ import os
 
 import conftest
 import corpus_files
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -191,15 +190,7 @@ def test_read_time_bad_records_under_both_policies(tmp_path, kind):
 
 
 # --- end to end: a run that skips reports the counts in metrics.jsonl --------------------
-@pytest.fixture
-def fast_compile():
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-
-
-def test_train_on_lxmert_data_skipping_records_over_max_regions(tmp_path, fast_compile):
+def test_train_on_lxmert_data_skipping_records_over_max_regions(tmp_path):
   corpus_files.write_lxmert(str(tmp_path / "src"), num_train=4, num_val=1, num_boxes=6,
                             feature_dim=FEATURE_DIM)
   config = ml_collections.ConfigDict(conftest.micro_config().to_dict())
@@ -208,7 +199,8 @@ def test_train_on_lxmert_data_skipping_records_over_max_regions(tmp_path, fast_c
   config.data.update(data_cfg(tmp_path / "tfds", "lxmert_regions", tmp_path / "src",
                               max_regions=5, on_bad_record="skip", max_text_len=12))
   config.update(batch_size=4, total_steps=2, log_every=2, checkpoint_every=2)
-  train.train_and_evaluate(config, str(tmp_path / "run"))
+  with conftest.most_optimizations_disabled():
+    train.train_and_evaluate(config, str(tmp_path / "run"))
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     (row,) = [json.loads(line) for line in f]
   # 2 steps x 4 examples = one epoch of the 8 (image, caption) pairs; the 2 six-box images

@@ -223,8 +223,6 @@ def test_build_writes_counts_and_report(folder):
 @pytest.mark.parametrize("name", ["image_text_folder", "coco_captions"])
 def test_train_runs_on_the_builder_by_changing_only_config_data(tmp_path, name):
   # lxmert_regions: tests/test_bad_records.py::test_train_on_lxmert_data_skipping_records_over_max_regions
-  import jax
-
   from mmelectra import train
   if name == "image_text_folder":
     corpus_files.write_image_folder(str(tmp_path / "src"), len(SPLITS), captions_per_image=2,
@@ -236,12 +234,8 @@ def test_train_runs_on_the_builder_by_changing_only_config_data(tmp_path, name):
                       max_position=32)
   config.data = data_cfg(tmp_path / "tfds", name, tmp_path / "src")  # patches of the images
   config.update(batch_size=4, total_steps=2, log_every=2, checkpoint_every=2)
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
+  with conftest.most_optimizations_disabled():
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  finally:
-    jax.config.update("jax_disable_most_optimizations", before)
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     (row,) = [json.loads(line) for line in f]
   assert row["step"] == 2 and np.isfinite(row["loss"]) and row["loss"] > 0

@@ -88,13 +88,8 @@ def test_block_sizes_split_over_devices():
 
 
 # --- a tiny trained run -------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  # Compile time dominates these tiny programs.
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+# Compile time dominates these tiny programs (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture

@@ -30,13 +30,8 @@ def _config(data_dir, objective="electra"):
   return c
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  # Compile time dominates these tiny programs.
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+# Compile time dominates these tiny programs (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,8 @@ from mmelectra.data import vqa as vqa_data
 from mmelectra.model import DEPLOYED_PARAM_PREFIXES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+# Compile time dominates these tiny programs (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # A hand-made scene: red circle top-left (small), blue square below it (large),

@@ -24,13 +24,8 @@ from mmelectra import model as model_lib
 LAYERS = {"model.l_layers": 2, "model.r_layers": 1, "model.x_layers": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  # Compile time dominates these tiny programs.
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+# Compile time dominates these tiny programs (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _config(scan, **overrides):
