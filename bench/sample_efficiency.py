@@ -385,6 +385,12 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
                    f"{p['train_seconds'][0]:.0f} | "
                    + " | ".join(_cell(p[k]) if k in p else "-" for k, _ in HEADLINE) + " |")
 
+  random_init = vqa_random_init(results_dir, proto["vqa"])
+  if random_init:
+    accs = [r["vqa_acc"] for r in random_init]
+    lines += ["", f"VQA acc of the same probe from random initialisation (`--vqa_from_random`, "
+              f"seeds {','.join(str(r['seed']) for r in random_init)}): "
+              f"{sum(accs) / len(accs):.3f} (dotted line in the plot)."]
   ratios = {}
   lines += ["", "## FLOPs to reach the `mlm` baseline's final score", ""]
   if "mlm" in data:
@@ -428,7 +434,10 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
   with open(md_path, "w") as f:
     f.write("\n".join(lines))
   png_path = os.path.join(results_dir, "sample_efficiency.png")
-  plot(data, png_path, data.get("mlm"), {"retrieval_r1": 1 / proto["retrieval_pool"], "itm_acc": 0.5})
+  floors = {"retrieval_r1": 1 / proto["retrieval_pool"], "itm_acc": 0.5}
+  if random_init:
+    floors["vqa_acc"] = sum(r["vqa_acc"] for r in random_init) / len(random_init)
+  plot(data, png_path, data.get("mlm"), floors)
   print(f"wrote {md_path} and {png_path}")
   r1 = ratios.get(("electra", "retrieval_r1"))
   vqa = ratios.get(("electra", "vqa_acc"))
@@ -439,6 +448,20 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
     return ">1.0" if r[0] is None else (f"<={r[0]:.3f}" if r[1] else f"{r[0]:.3f}")
   print(f"RESULT electra_flops_to_mlm_r1={short(r1)} electra_flops_to_mlm_vqa={short(vqa)}")
   return ratios
+
+
+def vqa_random_init(results_dir: str, vqa: dict) -> list[dict]:
+  """The latest `--vqa_from_random` record per seed whose probe equals `vqa`."""
+  path = os.path.join(results_dir, "vqa_from_random.jsonl")
+  if not os.path.exists(path):
+    return []
+  latest = {}
+  with open(path) as f:
+    for line in filter(str.strip, f):
+      r = json.loads(line)
+      if r["vqa"] == vqa:
+        latest[r["seed"]] = r
+  return [latest[s] for s in sorted(latest)]
 
 
 def plot(data: dict, path: str, baseline: dict | None, chance: dict) -> None:
@@ -471,7 +494,7 @@ def plot(data: dict, path: str, baseline: dict | None, chance: dict) -> None:
       ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=8)
   fig.suptitle("Sample efficiency (mean over seeds, band: min-max; dashed: mlm's final; "
-               "dotted: chance)")
+               "dotted: chance; for VQA, random init)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
