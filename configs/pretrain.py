@@ -64,6 +64,8 @@ def _parse(arg):
                      "expected size, objective, regions, moc, generator, runlocal")
   if out.get("generator", "small") not in ("small", "tied"):
     raise ValueError(f"generator={out['generator']!r}; expected small or tied")
+  if out.get("generator") == "tied" and out.get("objective", "electra") != "electra":
+    raise ValueError("generator=tied is a setting of objective=electra (mlm has no generator)")
   return out
 
 

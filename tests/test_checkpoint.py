@@ -196,6 +196,8 @@ def test_generator_argument_selects_the_tied_variant_and_rejects_others():
   assert (small.model.generator_tied, small.itm_input, small.loss_weights.rtd) == (False, "corrupted", 50.0)
   with pytest.raises(ValueError, match="generator='big'"):
     pretrain.get_config("generator=big")
+  with pytest.raises(ValueError, match="objective=electra"):
+    pretrain.get_config("objective=mlm,generator=tied")
 
 
 def test_unknown_config_key_is_an_error_naming_it():
