@@ -29,9 +29,11 @@ PARAM_ATOL = 2e-6
 SMALL_PARAM = 160
 
 
-def _step_config(mesh):
+def _step_config(mesh, scan_layers=False, dropout=True):
+  no_dropout = {} if dropout else {"model.dropout_rate": 0.0, "model.attention_dropout_rate": 0.0}
   return micro_config(**{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.model": mesh[2],
-                         "optimizer.warmup_steps": 0})
+                         "optimizer.warmup_steps": 0, "model.scan_layers": scan_layers},
+                      **no_dropout)
 
 
 def _worker():
@@ -43,6 +45,7 @@ def _worker():
   jax.config.update("jax_disable_most_optimizations", True)
   from conftest import SPECIAL_IDS, random_batch
   from mmelectra import collectives, electra, train
+  from mmelectra import model as model_lib
 
   out = {"devices": jax.device_count()}
 
@@ -72,15 +75,19 @@ def _worker():
     }
 
   # --- one train step on each mesh against one device --------------------------------
-  def run(mesh_shape, devices, init_from=None):
-    c = _step_config(mesh_shape)
+  def run(mesh_shape, devices, init_from=None, scan_layers=False, dropout=True):
+    c = _step_config(mesh_shape, scan_layers, dropout)
     orig = sharding.make_mesh
     sharding.make_mesh = lambda cfg, devs=None: orig(cfg, devices)
     try:
       setup = train.build(c, SPECIAL_IDS)
     finally:
       sharding.make_mesh = orig
-    if init_from is None:  # sharded init (jit with out_shardings)
+    if scan_layers:  # the one-device initial parameters, stacked (Adam's moments start at 0)
+      state = train.init_state(setup, 0)
+      state["params"] = jax.device_put(model_lib.scan_params(init_from["params"]),
+                                       setup.state_shardings["params"])
+    elif init_from is None:  # sharded init (jit with out_shardings)
       state = train.init_state(setup, 0)
     else:  # the same initial values, placed into this mesh's shardings (saves a compile)
       state = jax.device_put(init_from, setup.state_shardings)
@@ -113,6 +120,16 @@ def _worker():
         "loss": r["loss"], "grad_norm": r["grad_norm"], "moc_loss": r["moc_loss"],
         "itm_loss": r["itm_loss"], "max_param_diff": max(jax.tree.leaves(diffs)),
         "split": r["split"]}
+  # model.scan_layers on (2, 2, 2): stacked layers shard and step like unrolled layers on
+  # one device. Dropout off in both: the scan splits the dropout rng per layer.
+  flat = run((1, 1, 1), jax.devices()[:1], init_from=ref["init"], dropout=False)
+  r = run((2, 2, 2), jax.devices(), init_from=ref["init"], scan_layers=True, dropout=False)
+  diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       flat["params"], model_lib.unscan_params(r["params"]))
+  out["unrolled_no_dropout"] = {k: flat[k] for k in ("loss", "grad_norm", "moc_loss", "itm_loss")}
+  out["scanned"] = {"loss": r["loss"], "grad_norm": r["grad_norm"], "moc_loss": r["moc_loss"],
+                    "itm_loss": r["itm_loss"], "max_param_diff": max(jax.tree.leaves(diffs)),
+                    "split": r["split"]}
   out["max_update"] = max(jax.tree.leaves(jax.tree.map(
       lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
       ref["init"]["params"], ref["params"])))
@@ -160,9 +177,17 @@ def test_one_train_step_matches_one_device(eight_devices, shape):
   assert r["max_param_diff"] < PARAM_ATOL, r["max_param_diff"]
 
 
-@pytest.mark.parametrize("shape", ["(1, 2, 4)", "(2, 2, 2)"])
+def test_scanned_layers_step_on_a_mesh_matches_one_unrolled_device(eight_devices):
+  ref, r = eight_devices["unrolled_no_dropout"], eight_devices["scanned"]
+  for key in ("loss", "grad_norm", "moc_loss", "itm_loss"):
+    assert r[key] == pytest.approx(ref[key], rel=LOSS_RTOL), (key, r[key], ref[key])
+  assert r["max_param_diff"] < PARAM_ATOL, r["max_param_diff"]
+  assert any("l_layers" in name for name in r["split"])  # it really ran stacked
+
+
+@pytest.mark.parametrize("shape", ["(1, 2, 4)", "(2, 2, 2)", "scanned (2, 2, 2)"])
 def test_every_large_parameter_is_split(eight_devices, shape):
-  split = eight_devices["meshes"][shape]["split"]
+  split = (eight_devices["scanned"] if shape.startswith("scanned") else eight_devices["meshes"][shape])["split"]
   replicated = [name for name, (size, is_split) in split.items() if size >= SMALL_PARAM and not is_split]
   assert not replicated, f"fully replicated under {shape}: {replicated}"
   assert sum(s for s, _ in split.values()) > 10_000  # the micro model, not an empty tree
