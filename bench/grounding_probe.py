@@ -29,6 +29,7 @@ import numpy as np
 
 from mmelectra import checkpoint
 from mmelectra import config_lib
+from mmelectra import electra
 from mmelectra import train
 from mmelectra.data import pipeline
 from mmelectra.data import synthetic_scenes
@@ -38,20 +39,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (trained on synth
 _NUM = flags.DEFINE_integer("num", 200, "validation examples probed")
 _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: latest)")
 _SEED = flags.DEFINE_integer("seed", 0, "rng of the masked/swapped words")
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-  """ROC AUC by the rank-sum (Mann-Whitney) formula; ties count half."""
-  order = np.argsort(scores, kind="stable")
-  ranks = np.empty(len(scores))
-  sorted_scores = scores[order]
-  # Average ranks over ties.
-  _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-  for f, c in zip(first, counts):
-    ranks[order[f:f + c]] = f + (c + 1) / 2
-  pos = labels.astype(bool)
-  n1, n0 = pos.sum(), (~pos).sum()
-  return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def pick_colour_words(ids: np.ndarray, colour_ids: list[int], rng) -> np.ndarray:
@@ -135,7 +122,10 @@ def main(argv):
     for name, img in (("true", same), ("other", other)):
       rtd = np.asarray(model.apply({"params": params}, swapped, b["text_mask"], *image(img), True,
                                    method=MMElectra.discriminate)[0])
-      res[f"colour_rtd_auc_{name}"] = auc(label[has], rtd[rows, np.maximum(pos, 0)][has])
+      # The same AUC as the run's rtd_auc (electra's metric sums).
+      hists = electra.binary_metric_sums("rtd", rtd[rows, np.maximum(pos, 0)],
+                                         label.astype(np.float32), has.astype(np.float32))["rtd_auc"]
+      res[f"colour_rtd_auc_{name}"] = electra.auc_from_histograms(*hists)
 
   print(json.dumps(res, indent=1))
   print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
