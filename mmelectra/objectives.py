@@ -56,7 +56,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
       region_mask_rate=config.region_mask_rate,
       max_text_masked=electra.max_masked(text_len, config.text_mask_rate),
       max_region_masked=electra.max_masked(num_regions, config.region_mask_rate),
-      mask_count=_mask_count(config),
+      mask_count=_choice(config, "mask_count", electra.MASK_COUNTS),
       itm_negative_fraction=config.itm_negative_fraction,
       itm_input=_itm_input(config),
       text_temperature=config.text_temperature,
@@ -74,10 +74,6 @@ def _choice(config, key: str, choices: tuple[str, ...]) -> str:
   if value not in choices:
     raise ValueError(f"config.{key} must be one of {choices}, got {value!r}")
   return value
-
-
-def _mask_count(config) -> str:
-  return _choice(config, "mask_count", electra.MASK_COUNTS)
 
 
 def _itm_input(config) -> str:
