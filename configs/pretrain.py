@@ -140,7 +140,7 @@ def get_config(arg=None):
       # generator is then full width and generator_width_ratio is unused.
       generator_tied=tied,
       moc_mode=args.get("moc", "sample"),
-      vocab_size=128,  # >= the tokenizer's size; 30522 for a BERT vocabulary
+      vocab_size=160,  # >= the tokenizer's size; 30522 for a BERT vocabulary
       max_position=512,
       type_vocab_size=2,
       # Derived from `data` by `mmelectra.config_lib.finalize` when left at -1.
@@ -162,7 +162,7 @@ def get_config(arg=None):
       crop_size=8,
       max_regions=4,
       max_text_len=32,
-      vocab_size=128,
+      vocab_size=160,
       num_workers=0,
       # Real corpora (README "Real corpora"): name=image_text_folder | coco_captions |
       # lxmert_regions read their source files from manual_dir (default

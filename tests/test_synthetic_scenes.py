@@ -176,6 +176,26 @@ def test_tokenizer_beside_data_covers_every_caption(built):
     assert tokenizer.decode(tokenizer.encode(caption).ids) == caption
 
 
+def test_tokenizer_holds_the_vqa_questions_words_whole(tmp_path):
+  """At the default vocabulary size every caption, question and answer word is one token:
+  a VQA fine-tune reads the questions in words the pretrained encoder was trained on (with
+  captions only, "what colour" was spelt out in never-trained characters)."""
+  from mmelectra.data import synthetic_vqa
+
+  cfg = tiny_data_cfg(tmp_path, vocab_size=ss.DEFAULT_CONFIG.vocab_size)
+  builder = ss.prepare(cfg)
+  tokenizer = tokenizer_lib.load(builder.data_dir)
+  vocab = tokenizer.get_vocab()
+  source = builder.as_data_source(split="train")
+  words = set()
+  for i in range(len(source)):
+    words.update(source[i]["caption"].decode().replace(".", " ").split())
+    for pairs in synthetic_vqa.candidate_questions(source[i]["objects"]).values():
+      words.update(w for question, answer in pairs for w in f"{question} {answer}".split())
+  assert {"what", "colour", "count", "where", "relative"} <= words
+  assert sorted(w for w in words if w not in vocab) == []
+
+
 def test_prepare_is_idempotent(built):
   cfg, builder = built
   paths = [os.path.join(builder.data_dir, n) for n in ("tokenizer.json", "vocab.txt")]
