@@ -315,8 +315,8 @@ def ensure_tokenizer(builder: SyntheticScenes) -> None:
   scenes (unique strings, sorted, so the vocabulary is deterministic).
 
   Without the questions, words such as "what", "colour" and "count" were spelt out in
-  characters the pretrained encoder had never been trained on, and fine-tuning VQA from a
-  pretrained checkpoint did worse than from random initialisation.
+  characters the pretrained encoder had never been trained on, so a VQA fine-tune had to
+  learn the question words from scratch.
   """
   from mmelectra.data import synthetic_vqa  # imports this module
   directory = os.fspath(builder.data_dir)
