@@ -65,7 +65,7 @@ CHILD = textwrap.dedent("""
 def _run_config(data_dir, **overrides):
   """The micro model (mlm objective: the smallest program) on a tiny synthetic-scenes set."""
   c = ml_collections.ConfigDict(micro_config(objective="mlm").to_dict())
-  c.model.update(visual_feat_dim=-1, num_regions=-1, num_object_classes=-1, vocab_size=128,
+  c.model.update(visual_feat_dim=-1, num_regions=-1, num_object_classes=-1, vocab_size=c.data.vocab_size,
                  max_position=16)
   c.data.update(data_dir=str(data_dir), image_size=32, num_train=40, num_validation=8,
                 num_test=8, seed=3, regions="patches", patch_size=16, max_text_len=16)

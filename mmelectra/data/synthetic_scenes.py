@@ -311,8 +311,11 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
 
 def ensure_tokenizer(builder: SyntheticScenes) -> None:
   """Trains the WordPiece tokenizer unless it is already saved: on the train captions and
-  on every question and answer that `synthetic_vqa.candidate_questions` makes of the train
-  scenes (unique strings, sorted, so the vocabulary is deterministic).
+  on the words of every question and answer that `synthetic_vqa.candidate_questions` makes
+  of the train scenes, each word once (sorted, so the vocabulary is deterministic). Once
+  each, the question words are the rarest, so caption words always come first: a
+  vocabulary too small for both (128) still holds every caption word whole and spells some
+  question words; at 160 every word is whole.
 
   Without the questions, words such as "what", "colour" and "count" were spelt out in
   characters the pretrained encoder had never been trained on, so a VQA fine-tune had to
@@ -324,13 +327,14 @@ def ensure_tokenizer(builder: SyntheticScenes) -> None:
   if all(os.path.exists(os.path.join(directory, n)) for n in names):
     return
   source = builder.as_data_source(split="train")
-  captions, qa = [], set()
+  captions, qa_words = [], set()
   for i in range(len(source)):
     record = source[i]
     captions.append(record["caption"].decode("utf-8"))
     for pairs in synthetic_vqa.candidate_questions(record["objects"]).values():
-      qa.update(text for pair in pairs for text in pair)
-  tokenizer = tokenizer_lib.train_wordpiece(captions + sorted(qa), builder.builder_config.vocab_size)
+      qa_words.update(word for pair in pairs for text in pair for word in text.split())
+  tokenizer = tokenizer_lib.train_wordpiece(captions + sorted(qa_words),
+                                            builder.builder_config.vocab_size)
   tokenizer_lib.save(tokenizer, directory)
 
 
