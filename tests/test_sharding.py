@@ -105,34 +105,32 @@ def _worker():
             "itm_loss": float(sums["itm_loss"][0] / sums["itm_loss"][1]),
             "params": jax.device_get(state["params"]), "split": split}
 
+  def max_abs_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(
+        lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
+
+  losses = ("loss", "grad_norm", "moc_loss", "itm_loss")
+
+  def summary(r, reference_params, params):
+    return {**{k: r[k] for k in losses}, "max_param_diff": max_abs_diff(reference_params, params),
+            "split": r["split"]}
+
   ref = run((1, 1, 1), jax.devices()[:1])
-  out["reference"] = {k: ref[k] for k in ("loss", "grad_norm", "moc_loss", "itm_loss")}
+  out["reference"] = {k: ref[k] for k in losses}
   out["meshes"] = {}
   for shape in MESHES:
     # (1, 2, 4) initialises sharded and must reproduce the one-device initial values.
     r = run(shape, jax.devices(), init_from=None if shape == (1, 2, 4) else ref["init"])
     if shape == (1, 2, 4):
-      out["sharded_init_diff"] = max(jax.tree.leaves(jax.tree.map(
-          lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), ref["init"], r["init"])))
-    diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                         ref["params"], r["params"])
-    out["meshes"][str(shape)] = {
-        "loss": r["loss"], "grad_norm": r["grad_norm"], "moc_loss": r["moc_loss"],
-        "itm_loss": r["itm_loss"], "max_param_diff": max(jax.tree.leaves(diffs)),
-        "split": r["split"]}
+      out["sharded_init_diff"] = max_abs_diff(ref["init"], r["init"])
+    out["meshes"][str(shape)] = summary(r, ref["params"], r["params"])
   # model.scan_layers on (2, 2, 2): stacked layers shard and step like unrolled layers on
   # one device. Dropout off in both: the scan splits the dropout rng per layer.
   flat = run((1, 1, 1), jax.devices()[:1], init_from=ref["init"], dropout=False)
   r = run((2, 2, 2), jax.devices(), init_from=ref["init"], scan_layers=True, dropout=False)
-  diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                       flat["params"], model_lib.unscan_params(r["params"]))
-  out["unrolled_no_dropout"] = {k: flat[k] for k in ("loss", "grad_norm", "moc_loss", "itm_loss")}
-  out["scanned"] = {"loss": r["loss"], "grad_norm": r["grad_norm"], "moc_loss": r["moc_loss"],
-                    "itm_loss": r["itm_loss"], "max_param_diff": max(jax.tree.leaves(diffs)),
-                    "split": r["split"]}
-  out["max_update"] = max(jax.tree.leaves(jax.tree.map(
-      lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-      ref["init"]["params"], ref["params"])))
+  out["unrolled_no_dropout"] = {k: flat[k] for k in losses}
+  out["scanned"] = summary(r, flat["params"], model_lib.unscan_params(r["params"]))
+  out["max_update"] = max_abs_diff(ref["init"]["params"], ref["params"])
 
   # --- compile-check's AOT compile on a mesh (the mlm objective: a smaller program) ------
   from mmelectra import compile_check
