@@ -147,8 +147,7 @@ def vqa_config(init_from: str, seed: int):
   c.total_steps = VQA["steps"]
   c.log_every = VQA["steps"]
   c.optimizer.learning_rate = VQA["learning_rate"]
-  # .get: lines of the earlier protocol have no head rate (the head then shares the encoder's).
-  c.optimizer.head_learning_rate = VQA.get("head_learning_rate", 0.0)
+  c.optimizer.head_learning_rate = VQA["head_learning_rate"]
   c.optimizer.warmup_steps = VQA["warmup_steps"]
   c.vqa.questions_per_image = VQA["questions_per_image"]
   c.vqa.train_split = VQA["train_split"]
