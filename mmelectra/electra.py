@@ -112,27 +112,57 @@ def mask_regions(feats: Array, positions: Array, weights: Array) -> Array:
 def argmax(x: Array) -> Array:
   """`jnp.argmax(x, axis=-1)` as int32: the first index of each row's maximum.
 
-  Written as a max, then a min over the indices that reach it: XLA on CPU does not
-  vectorise `jnp.argmax` (one reduction over value-index pairs), and the argmax over a
-  30522-word vocabulary cost more than a third of the MLM head's forward. A row holding
-  NaN gives its last index (`jnp.argmax` gives the NaN's).
+  Written as a max, then a min over the indices that reach it, with the indices held as
+  float32 (exact up to 2**24): XLA on CPU vectorises neither `jnp.argmax` (one reduction
+  over value-index pairs) nor an int32 min-reduction. Over `[192, 30522]` logits this
+  takes 6 ms against 15 ms (`jnp.argmax`) and 22 ms (int32 indices). A row holding NaN
+  gives its last index (`jnp.argmax` gives the NaN's).
   """
   n = x.shape[-1]
+  if n > 2**24:
+    raise ValueError(f"argmax over {n} entries: float32 indices are exact only up to 2**24")
   top = x.max(axis=-1, keepdims=True)
-  first = jnp.where(x == top, jnp.arange(n, dtype=jnp.int32), n).min(axis=-1)
-  return jnp.minimum(first, n - 1)
+  first = jnp.where(x == top, jnp.arange(n, dtype=jnp.float32), float(n)).min(axis=-1)
+  return jnp.minimum(first, n - 1).astype(jnp.int32)
+
+
+# Rows longer than two blocks are sampled in two levels (`gumbel_argmax`).
+SAMPLE_BLOCK = 256
 
 
 def gumbel_argmax(rng: Array, logits: Array, temperature: float = 1.0) -> Array:
-  """One sample from `softmax(logits / T)` per row, by Gumbel-max; no gradient.
+  """One exact sample from `softmax(logits / T)` per row (last axis); no gradient.
 
-  `temperature == 0` takes the argmax.
+  `temperature == 0` takes the argmax. A row of at most `2 * SAMPLE_BLOCK` entries is
+  sampled by Gumbel-max. A longer row (a 30522-word vocabulary, a batch's region pool) is
+  cut into blocks of `SAMPLE_BLOCK` (the last one short): a block is drawn by Gumbel-max
+  over the blocks' log-masses, then an entry by Gumbel-max within it, so
+  P(i) = P(block of i) * P(i | block) = softmax(logits / T)_i, the same distribution.
+  It draws `V / 256 + 256` noise values per row instead of V: threefry's noise for 192
+  rows of 30522 words took 57 ms of a 0.6 s train step on CPU; the two-level draw takes
+  2 ms (`tests/test_electra.py` checks the frequencies).
   """
   logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
   if temperature == 0:
     return argmax(logits)
-  gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
-  return argmax(logits / temperature + gumbel)
+  z = logits / temperature
+  v = z.shape[-1]
+  if v <= 2 * SAMPLE_BLOCK:
+    return argmax(z + jax.random.gumbel(rng, z.shape, jnp.float32))
+  blocks = -(-v // SAMPLE_BLOCK)
+  batch_shape = z.shape[:-1]
+  p = jnp.exp(z - z.max(axis=-1, keepdims=True))
+  p = jnp.pad(p, [(0, 0)] * len(batch_shape) + [(0, blocks * SAMPLE_BLOCK - v)])
+  log_mass = jnp.log(p.reshape(batch_shape + (blocks, SAMPLE_BLOCK)).sum(axis=-1))
+  rng_block, rng_entry = jax.random.split(rng)
+  block = argmax(log_mass + jax.random.gumbel(rng_block, log_mass.shape, jnp.float32))
+  # The chosen block's entries, gathered from the unpadded row; the short last block's
+  # missing entries are -inf.
+  idx = block[..., None] * SAMPLE_BLOCK + jnp.arange(SAMPLE_BLOCK)
+  within = jnp.take_along_axis(z, jnp.minimum(idx, v - 1), axis=-1)
+  within = jnp.where(idx < v, within, -jnp.inf)
+  entry = argmax(within + jax.random.gumbel(rng_entry, within.shape, jnp.float32))
+  return block * SAMPLE_BLOCK + entry
 
 
 def region_candidate_scores(queries: Array, candidates: Array, candidate_valid: Array) -> Array:

@@ -95,6 +95,40 @@ def test_gumbel_argmax_follows_the_distribution_and_zero_temperature_is_argmax()
   assert np.all(np.asarray(g) == 0)
 
 
+def test_two_level_sampling_of_long_rows_follows_the_distribution():
+  # 1000 entries: four blocks of 256, the last one short (232). Mass on entries in the
+  # first, a middle and the short last block; the rest share 10% and -inf is never drawn.
+  v = 1000
+  assert v > 2 * electra.SAMPLE_BLOCK
+  probs = np.full(v, 0.1 / (v - 5))
+  probs[[3, 300, 511, 512, 999]] = [0.3, 0.2, 0.1, 0.1, 0.2]
+  logits = np.log(probs)
+  logits[7] = -np.inf
+  logits = jnp.asarray(logits, jnp.float32).reshape(1, 1, v)  # extra batch axes pass through
+  n = 40000
+  draws = jax.jit(jax.vmap(lambda k: electra.gumbel_argmax(k, logits, 0.5)))(jax.random.split(jax.random.key(1), n))
+  draws = np.asarray(draws).reshape(-1)
+  assert draws.min() >= 0 and draws.max() < v and not np.any(draws == 7)
+  # temperature 0.5: softmax(2 * logits)
+  tempered = probs ** 2
+  tempered[7] = 0.0
+  tempered /= tempered.sum()
+  freq = np.bincount(draws, minlength=v) / n
+  np.testing.assert_allclose(freq[[3, 300, 511, 512, 999]], tempered[[3, 300, 511, 512, 999]], atol=0.01)
+  assert abs(freq.sum() - freq[[3, 300, 511, 512, 999]].sum() - (1 - tempered[[3, 300, 511, 512, 999]].sum())) < 0.01
+  # rows are sampled independently
+  two = jnp.stack([jnp.asarray(np.log(probs), jnp.float32)] * 2)
+  pairs = np.asarray(jax.vmap(lambda k: electra.gumbel_argmax(k, two))(jax.random.split(jax.random.key(2), 2000)))
+  assert np.mean(pairs[:, 0] == pairs[:, 1]) < 0.3
+
+
+def test_argmax_is_the_first_maximum_like_jnp_argmax():
+  x = jax.random.randint(jax.random.key(0), (64, 700), 0, 5).astype(jnp.float32)  # many ties
+  np.testing.assert_array_equal(np.asarray(electra.argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
+  assert electra.argmax(x).dtype == jnp.int32
+  assert int(electra.argmax(jnp.array([1.0, jnp.nan, 3.0]))) == 2
+
+
 def test_sampled_token_equal_to_original_is_not_replaced():
   original = jnp.array([[2, 7, 8, 9, 3, 0]])
   valid = original != 0
