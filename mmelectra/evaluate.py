@@ -162,7 +162,7 @@ def write_results(workdir: str, step: int, metrics: dict) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-  tmp.rename(path)  # a reader never sees half a file
+  tmp.replace(path)  # a reader never sees half a file; evaluating again overwrites
   tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard" / "eval"))
   for key, value in sorted(metrics.items()):
     if isinstance(value, (int, float)) and key != "step":

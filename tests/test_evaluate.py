@@ -114,6 +114,15 @@ def test_evaluate_all_writes_every_metric_and_tensorboard(trained):
   assert any(e.startswith("events.out.tfevents") for e in events)
 
 
+def test_evaluating_a_step_again_replaces_its_results(tmp_path):
+  # Another protocol (split, pool) evaluates the same checkpoint again: its file is replaced.
+  evaluate.write_results(str(tmp_path), 7, {"step": 7, "itm_acc": 0.5, "split": "validation"})
+  evaluate.write_results(str(tmp_path), 7, {"step": 7, "itm_acc": 0.75, "split": "test"})
+  with open(tmp_path / "eval" / "step_7.json") as f:
+    assert json.load(f) == {"step": 7, "itm_acc": 0.75, "split": "test"}
+  assert os.listdir(tmp_path / "eval") == ["step_7.json"]
+
+
 def test_watch_picks_up_a_checkpoint_written_after_it_started(trained, tmp_path):
   # The sidecar: started on an empty workdir, it waits for the config and the checkpoint.
   watched = str(tmp_path / "watched")
