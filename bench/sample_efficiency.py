@@ -1,6 +1,7 @@
 """Sample efficiency, ELECTRA vs MLM: downstream metrics against training FLOPs and wall clock.
 
   .venv/bin/python bench/sample_efficiency.py --variant=electra --seed=0 [--budget_tflops=T] [--evals=4]
+  .venv/bin/python bench/sample_efficiency.py --variant=electra --seed=0 --reevaluate [...]
   .venv/bin/python bench/sample_efficiency.py --report
 
 One call trains one variant with one seed to a fixed budget of analytic training FLOPs
@@ -8,6 +9,9 @@ One call trains one variant with one seed to a fixed budget of analytic training
 kept at `--evals` equal fractions of the budget and appends one JSON line to
 `<results_dir>/sample_efficiency.jsonl`. `--report` turns every line there into
 `sample_efficiency.md` (table, headline ratio) and `sample_efficiency.png` (curves).
+`--reevaluate` keeps a finished run's training (same variant, seed, budget and --evals)
+and evaluates its checkpoints again under the current protocol, appending a new line:
+for when the evaluation protocol changes (as the VQA probe's did), not the training.
 
 Variants (METHOD.md: a zero loss weight switches a loss off; `moc` picks the region mode):
   electra       the method: generator + RTD + R2D + ITM, MOC `sample`
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fractions
 import json
 import math
 import os
@@ -184,8 +189,21 @@ def host_info() -> dict:
           "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
+def finished_run(workdir: str, config) -> None:
+  """Checks that `workdir` holds a finished run of `config` (for `--reevaluate`)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--reevaluate: no run in {workdir} (no config.json)")
+  with open(path) as f:
+    stored = json.load(f)
+  for key in ("objective", "total_steps", "seed", "batch_size"):
+    if stored.get(key) != config[key]:
+      raise ValueError(f"--reevaluate: {workdir} was trained with {key}={stored.get(key)!r}, "
+                       f"this variant, seed, budget and --evals give {config[key]!r}")
+
+
 def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root: str,
-        results_dir: str) -> dict:
+        results_dir: str, reevaluate: bool = False) -> dict:
   from mmelectra import evaluate, finetune, train
   from mmelectra.data import datasets
 
@@ -193,25 +211,28 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
   config, step_flops, interval = run_config(variant, seed, budget, evals)
   name = f"{variant}_seed{seed}_budget{budget_tflops:g}"
   workdir = os.path.join(workdir_root, name)
-  if os.path.exists(workdir):
-    # Always a fresh run: a resumed one would time a second compile and repeat steps.
-    if os.listdir(workdir) and not os.path.exists(os.path.join(workdir, "config.json")):
-      raise FileExistsError(f"{workdir} exists and is not a run directory; remove it")
-    shutil.rmtree(workdir)
-  print(f"{name}: {config.total_steps} steps of {step_flops / 1e12:.4f} TFLOPs "
-        f"({config.total_steps * step_flops / 1e12:.1f} of {budget_tflops:g} TFLOPs), "
-        f"evaluation every {interval} steps, workdir {workdir}", flush=True)
   host = host_info()
-
-  start = time.perf_counter()
-  datasets.prepare(config.data)  # built once, shared by every call
-  data_seconds = time.perf_counter() - start
-
-  start = time.perf_counter()
-  train.train_and_evaluate(config, workdir)
-  train_call_seconds = time.perf_counter() - start
+  if reevaluate:
+    finished_run(workdir, config)
+    print(f"{name}: evaluating the {config.total_steps}-step run in {workdir} again", flush=True)
+    data_seconds = train_call_seconds = load_after_train = None
+  else:
+    if os.path.exists(workdir):
+      # Always a fresh run: a resumed one would time a second compile and repeat steps.
+      if os.listdir(workdir) and not os.path.exists(os.path.join(workdir, "config.json")):
+        raise FileExistsError(f"{workdir} exists and is not a run directory; remove it")
+      shutil.rmtree(workdir)
+    print(f"{name}: {config.total_steps} steps of {step_flops / 1e12:.4f} TFLOPs "
+          f"({config.total_steps * step_flops / 1e12:.1f} of {budget_tflops:g} TFLOPs), "
+          f"evaluation every {interval} steps, workdir {workdir}", flush=True)
+    start = time.perf_counter()
+    datasets.prepare(config.data)  # built once, shared by every call
+    data_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    train.train_and_evaluate(config, workdir)
+    train_call_seconds = time.perf_counter() - start
+    load_after_train = round(os.getloadavg()[0], 2)
   seconds = train_seconds_by_step(os.path.join(workdir, "metrics.jsonl"), config.batch_size)
-  load_after_train = round(os.getloadavg()[0], 2)
 
   start = time.perf_counter()
   evaluated = dict(evaluate.evaluate_all_steps(workdir, "validation"))
@@ -246,8 +267,9 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
   record = {
       "variant": variant, "seed": seed, "budget_tflops": budget_tflops, "evals": evals,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "reevaluated": reevaluate,  # training from an earlier call, evaluation from this one
       "host": {**host, "loadavg_1m_after_train": load_after_train},
-      "protocol": protocol(budget_tflops, evals),
+      "protocol": protocol(budget_tflops),
       "config": {
           "objective": config.objective, "moc_mode": config.model.moc_mode,
           "loss_weights": config.loss_weights.to_dict(), "size": SIZE,
@@ -279,10 +301,14 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
   return record
 
 
-def protocol(budget_tflops: float, evals: int) -> dict:
-  """What must be equal for two runs to be compared (the report keeps one protocol)."""
+def protocol(budget_tflops: float) -> dict:
+  """What must be equal for two runs to be compared (the report keeps one protocol).
+
+  Not the number of evaluation points: a run evaluated at 25/50/75/100% and one evaluated
+  at 100% only share their last point (`curves` aligns points by budget fraction).
+  """
   from configs import pretrain
-  return {"budget_tflops": budget_tflops, "evals": evals, "size": SIZE, "batch_size": BATCH_SIZE,
+  return {"budget_tflops": budget_tflops, "size": SIZE, "batch_size": BATCH_SIZE,
           "data": DATA, "warmup_fraction": WARMUP_FRACTION, "retrieval_pool": RETRIEVAL_POOL,
           "vqa": VQA,
           # Regions per image are 1-4 crops: ceil vs stochastic mask counts differ a lot.
@@ -302,8 +328,10 @@ def load_runs(results_dir: str, budget_tflops: float | None) -> tuple[list[dict]
     records = [r for r in records if r["budget_tflops"] == budget_tflops]
     if not records:
       raise ValueError(f"{path} holds no run with budget {budget_tflops:g} TFLOPs")
-  key = json.dumps(records[-1]["protocol"], sort_keys=True)
-  same = [r for r in records if json.dumps(r["protocol"], sort_keys=True) == key]
+  def identity(record):  # lines before 2026-11-27 night also held "evals" (see `protocol`)
+    return json.dumps({k: v for k, v in record["protocol"].items() if k != "evals"}, sort_keys=True)
+  key = identity(records[-1])
+  same = [r for r in records if identity(r) == key]
   latest = {}
   for r in same:
     latest[(r["variant"], r["seed"])] = r
@@ -319,12 +347,16 @@ def curves(runs: list[dict]) -> dict:
     mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
     if not mine:
       continue
-    n = min(len(r["points"]) for r in mine)
+    # Point i of a run evaluated at n points is at (i + 1) / n of the budget; a fraction
+    # counts when every seed has it.
+    by_fraction = [{fractions.Fraction(i + 1, len(r["points"])): p for i, p in enumerate(r["points"])}
+                   for r in mine]
+    shared = sorted(set.intersection(*(set(f) for f in by_fraction)))
     points = []
-    for i in range(n):
+    for fraction in shared:
       row = {}
       for key in ("flops", "train_seconds", "budget_fraction") + tuple(k for k, _ in HEADLINE):
-        values = [r["points"][i][key] for r in mine if key in r["points"][i]]
+        values = [run[fraction][key] for run in by_fraction if key in run[fraction]]
         if values:
           row[key] = (sum(values) / len(values), min(values), max(values))
       points.append(row)
@@ -431,11 +463,13 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
             "|---" * 9 + "|"]
   for r in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
     t = r["timing"]
-    timing.append(f"| {r['variant']} | {r['seed']} | {t['data_prepare_seconds']:.0f} | "
-                  f"{t['train_call_seconds']:.0f} | {t['train_seconds']:.0f} | "
+    # A --reevaluate line has no data-prepare or train-call time (it did not train).
+    seconds = {k: "-" if t[k] is None else f"{t[k]:.0f}" for k in ("data_prepare_seconds", "train_call_seconds")}
+    timing.append(f"| {r['variant']} | {r['seed']} | {seconds['data_prepare_seconds']} | "
+                  f"{seconds['train_call_seconds']} | {t['train_seconds']:.0f} | "
                   f"{t['pretrain_eval_seconds']:.0f} | {t['vqa_seconds']:.0f} | "
                   f"{(t['pretrain_eval_seconds'] + t['vqa_seconds']) / t['train_seconds']:.0%} | "
-                  f"{r['host']['loadavg_1m']} / {r['host'].get('loadavg_1m_after_train', '-')} |")
+                  f"{r['host']['loadavg_1m']} / {r['host'].get('loadavg_1m_after_train') or '-'} |")
   lines += timing
   lines += ["", f"![curves](sample_efficiency.png)", ""]
   md_path = os.path.join(results_dir, "sample_efficiency.md")
@@ -444,14 +478,16 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
   png_path = os.path.join(results_dir, "sample_efficiency.png")
   plot(data, png_path, data.get("mlm"), floors)
   print(f"wrote {md_path} and {png_path}")
-  r1 = ratios.get(("electra", "retrieval_r1"))
-  vqa = ratios.get(("electra", "vqa_acc"))
-
   def short(r):
     if r is None:
       return "n/a"
     return ">1.0" if r[0] is None else (f"<={r[0]:.3f}" if r[1] else f"{r[0]:.3f}")
-  print(f"RESULT electra_flops_to_mlm_r1={short(r1)} electra_flops_to_mlm_vqa={short(vqa)}")
+  fields = [f"electra_flops_to_mlm_{name}={short(ratios.get(('electra', key)))}"
+            for name, key in (("r1", "retrieval_r1"), ("vqa", "vqa_acc"))]
+  if "electra_tied" in data:
+    fields += [f"electra_tied_flops_to_mlm_{name}={short(ratios.get(('electra_tied', key)))}"
+               for name, key in (("r1", "retrieval_r1"), ("vqa", "vqa_acc"))]
+  print("RESULT " + " ".join(fields))
   return ratios
 
 
@@ -536,6 +572,9 @@ def main():
   parser.add_argument("--workdir_root", default=os.path.join("/tmp", "mmelectra_sample_efficiency"))
   parser.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"))
   parser.add_argument("--report", action="store_true", help="write the table and plot from the results")
+  parser.add_argument("--reevaluate", action="store_true",
+                      help="evaluate the finished run of --variant/--seed/--budget_tflops/--evals "
+                      "under --workdir_root again (current protocol) instead of training it")
   parser.add_argument("--vqa_from_random", default="",
                       help="a pretraining workdir: run the same VQA probe from random init of its "
                       "architecture (the floor every pretrained point is compared with)")
@@ -561,7 +600,7 @@ def main():
     vqa_from_random(os.path.abspath(args.vqa_from_random), args.seed, workdir_root, results_dir)
     return
   run(args.variant, args.seed, args.budget_tflops or DEFAULT_BUDGET_TFLOPS, args.evals,
-      workdir_root, results_dir)
+      workdir_root, results_dir, reevaluate=args.reevaluate)
 
 
 if __name__ == "__main__":
