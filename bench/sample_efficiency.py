@@ -189,17 +189,20 @@ def host_info() -> dict:
           "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def finished_run(workdir: str, config) -> None:
-  """Checks that `workdir` holds a finished run of `config` (for `--reevaluate`)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--reevaluate: no run in {workdir} (no config.json)")
-  with open(path) as f:
-    stored = json.load(f)
+def finished_run(workdir: str, config, expected_steps: list[int]) -> None:
+  """Checks that `workdir` holds a finished run of `config` with a checkpoint at every
+  evaluation point (for `--reevaluate`), before any evaluation is spent on it."""
+  from etils import epath
+  from mmelectra import checkpoint, config_lib
+  stored = config_lib.load(workdir)  # FileNotFoundError naming the path if it is no run
   for key in ("objective", "total_steps", "seed", "batch_size"):
     if stored.get(key) != config[key]:
       raise ValueError(f"--reevaluate: {workdir} was trained with {key}={stored.get(key)!r}, "
                        f"this variant, seed, budget and --evals give {config[key]!r}")
+  directory = epath.Path(checkpoint.checkpoint_dir(workdir))
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+  if steps != expected_steps:
+    raise ValueError(f"--reevaluate: checkpoints {steps} in {directory}, --evals gives {expected_steps}")
 
 
 def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root: str,
@@ -212,8 +215,9 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
   name = f"{variant}_seed{seed}_budget{budget_tflops:g}"
   workdir = os.path.join(workdir_root, name)
   host = host_info()
+  expected = [interval * (i + 1) for i in range(evals)]
   if reevaluate:
-    finished_run(workdir, config)
+    finished_run(workdir, config, expected)
     print(f"{name}: evaluating the {config.total_steps}-step run in {workdir} again", flush=True)
     data_seconds = train_call_seconds = load_after_train = None
   else:
@@ -237,7 +241,6 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
   start = time.perf_counter()
   evaluated = dict(evaluate.evaluate_all_steps(workdir, "validation"))
   pretrain_eval_seconds = time.perf_counter() - start
-  expected = [interval * (i + 1) for i in range(evals)]
   if sorted(evaluated) != expected:
     raise RuntimeError(f"checkpoints {sorted(evaluated)} in {workdir}, expected {expected}")
 
