@@ -13,9 +13,14 @@ Prints, for the latest checkpoint of a run trained on `synthetic_scenes`:
 - `colour_mlm_acc_true` / `_other`: one colour word per caption set to [MASK]; accuracy of
   the MLM head (the generator's for `electra`) with the true image vs another image.
   Chance is 1/6; equal values mean colour is not read off the image.
+  With the per-modality generator the two are equal by construction (it never sees the image).
 - `electra` only, `colour_rtd_auc_true` / `_other`: in half the captions one colour word is
   swapped for another colour; AUC of the discriminator's RTD logit at that word, true
   image vs another image. Equal values mean RTD does not use the image for colours.
+- `electra` with the corrective LM only, `colour_clm_acc_true` / `_other`: on the same
+  captions, how often the discriminator's corrective-LM head names the original colour;
+  `colour_clm_masked_acc_true` / `_other`: the same with the colour word set to [MASK]
+  (the baseline's colour_mlm probe, asked of the discriminator).
 Ends with a `RESULT key=value ...` line.
 """
 
@@ -119,9 +124,19 @@ def main(argv):
     label = (rng.random(n) < 0.5) & has
     for i in np.flatnonzero(label):
       swapped[i, pos[i]] = rng.choice([c for c in colour_ids if c != swapped[i, pos[i]]])
+    corrective = setup.model.cfg.corrective_lm
     for name, img in (("true", same), ("other", other)):
-      rtd = np.asarray(model.apply({"params": params}, swapped, b["text_mask"], *image(img), True,
-                                   method=MMElectra.discriminate)[0])
+      out = model.apply({"params": params}, swapped, b["text_mask"], *image(img), True,
+                        text_positions=positions if corrective else None,
+                        method=MMElectra.discriminate)
+      rtd = np.asarray(out[0])
+      if corrective:
+        clm_pred = np.asarray(out[3])[:, 0].argmax(-1)
+        res[f"colour_clm_acc_{name}"] = float((clm_pred == target)[has].mean())
+        out_masked = model.apply({"params": params}, masked, b["text_mask"], *image(img), True,
+                                 text_positions=positions, method=MMElectra.discriminate)
+        clm_pred = np.asarray(out_masked[3])[:, 0].argmax(-1)
+        res[f"colour_clm_masked_acc_{name}"] = float((clm_pred == target)[has].mean())
       # The same AUC as the run's rtd_auc (electra's metric sums).
       hists = electra.binary_metric_sums("rtd", rtd[rows, np.maximum(pos, 0)],
                                          label.astype(np.float32), has.astype(np.float32))["rtd_auc"]

@@ -13,9 +13,10 @@ kept at `--evals` equal fractions of the budget and appends one JSON line to
 and evaluates its checkpoints again under the current protocol, appending a new line:
 for when the evaluation protocol changes (as the VQA probe's did), not the training.
 
-Variants (METHOD.md: a zero loss weight switches a loss off; `moc` picks the region mode):
-  electra       the method: generator + RTD + R2D + ITM, MOC `sample`
-  electra_tied  electra with the tied generator (`generator=tied`), see README
+Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks the region mode):
+  electra       the method as configured by default: per-modality generator + RTD + R2D + ITM, MOC `sample`
+  electra_crossmodal  electra with the generator reading both modalities (`generator=crossmodal`)
+  electra_tied  electra with the tied generator (`generator=tied`), see docs/findings.md
   mlm           the LXMERT-style baseline (no generator): MLM + MOC + ITM on the encoder
   no_r2d        electra with loss_weights.r2d = 0 (no region discriminator)
   no_rtd        electra with loss_weights.rtd = 0 (no token discriminator)
@@ -54,6 +55,7 @@ sys.path.insert(0, ROOT)
 VARIANTS = {
     # name: (configs/pretrain.py argument string, field overrides)
     "electra": ("objective=electra", {}),
+    "electra_crossmodal": ("objective=electra,generator=crossmodal", {}),
     "mlm": ("objective=mlm", {}),
     "no_r2d": ("objective=electra", {"loss_weights.r2d": 0.0}),
     "no_rtd": ("objective=electra", {"loss_weights.rtd": 0.0}),

@@ -5,10 +5,13 @@ Argument string (comma separated, all optional):
   objective=electra|mlm         ELECTRA (generator + RTD/R2D) or the LXMERT-style baseline
   regions=patches|crops         region features from image patches or object crops
   moc=sample|regress|classify   masked-object mode
-  generator=small|tied          electra's generator: `small` (METHOD.md decision 3: the
-                                encoder at generator_width_ratio of the width) or `tied`
+  generator=per_modality|crossmodal|tied
+                                electra's generator (docs/method.md, "The generator"):
+                                `per_modality` (default: a text stack for MLM and a region
+                                stack for MOC, neither reading the other modality),
+                                `crossmodal` (a narrow copy of the whole encoder) or `tied`
                                 (ELECTRA sec. 3.2: the discriminator's own encoder, ITM on
-                                its masked pass, discriminator weights 1; see README)
+                                its masked pass, discriminator weights 1)
   runlocal                      shrink steps and data for a quick laptop run
 Every field can be overridden with `--config.key=value`; the dict is locked, so a
 mistyped key is an error naming it.
@@ -62,10 +65,11 @@ def _parse(arg):
   if unknown:
     raise ValueError(f"unknown config argument(s) {sorted(unknown)}; "
                      "expected size, objective, regions, moc, generator, runlocal")
-  if out.get("generator", "small") not in ("small", "tied"):
-    raise ValueError(f"generator={out['generator']!r}; expected small or tied")
-  if out.get("generator") == "tied" and out.get("objective", "electra") != "electra":
-    raise ValueError("generator=tied is a setting of objective=electra (mlm has no generator)")
+  generators = ("per_modality", "crossmodal", "tied")
+  if out.get("generator", "per_modality") not in generators:
+    raise ValueError(f"generator={out['generator']!r}; expected one of {generators}")
+  if "generator" in out and out.get("objective", "electra") != "electra":
+    raise ValueError("generator= is a setting of objective=electra (mlm has no generator)")
   return out
 
 
@@ -101,18 +105,30 @@ def get_config(arg=None):
   c.mask_count = "ceil"
   c.itm_negative_fraction = 0.5
   # Which pair the ITM head reads: "corrupted" (the discriminator's input) or "masked"
-  # (the generator's input; only with model.generator_tied, where that pass runs the
+  # (the generator's input; only with model.generator=tied, where that pass runs the
   # deployed encoder, as the mlm baseline's ITM does).
   # generator=tied: the tied generator's masked pass runs the deployed encoder, so ITM
   # reads it (as the baseline's does), and the discriminator weights drop to 1: at 50 the
-  # RTD/R2D gradient drowns the MLM signal that grounds that encoder (README "Known gap").
+  # RTD/R2D gradient drowns the MLM signal that grounds that encoder (docs/findings.md).
   tied = args.get("generator") == "tied"
   c.itm_input = "masked" if tied else "corrupted"
+  # Share of the masked words the discriminator reads as [MASK] rather than the
+  # generator's sample (docs/method.md §9): the corrective LM then predicts them from the
+  # pair, as the baseline's MLM does, and RTD skips them. 0: ELECTRA (all replaced).
+  c.discriminator_mask_fraction = 0.0
   c.text_temperature = 1.0
   c.region_temperature = 1.0
   disc_weight = 1.0 if tied else 50.0
+  # clm: corrective LM on the discriminator (COCO-LM): at every masked text slot the
+  # fusion encoder also predicts the original word from the corrupted pair. With the
+  # per-modality generator a replaced attribute word's original can only be read off the
+  # image, which gives the discriminator a grounding signal to start from (docs/method.md,
+  # "Corrective LM"). 0 switches it off (and drops its head).
+  # itc: image-text contrastive alignment (ALBEF's "align before fuse") of the fusion
+  # encoder's own text and region stacks, before the cross layers, against every pair of
+  # the global batch (docs/method.md, "Contrastive alignment"). 0 switches it off.
   c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=disc_weight,
-                                                  rtd=disc_weight, itm=1.0))
+                                                  rtd=disc_weight, itm=1.0, clm=0.0, itc=0.0))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4 if size in ("tiny", "small") else 1e-4,
@@ -135,10 +151,12 @@ def get_config(arg=None):
       # (encoder/l_layers/..., leading axis "layers"); export, init_from and fine-tuning
       # convert to the unrolled layout (model.unscan_params).
       scan_layers=False,
+      generator=args.get("generator", "per_modality"),
+      # Width (heads, MLP) of the per_modality / crossmodal generator as a fraction of the
+      # discriminator's; `tied` is full width.
       generator_width_ratio=0.25,
-      # Tie all generator and discriminator encoder weights (ELECTRA sec. 3.2); the
-      # generator is then full width and generator_width_ratio is unused.
-      generator_tied=tied,
+      # Width of the contrastive (ITC) embedding space; used when loss_weights.itc > 0.
+      contrastive_dim=128,
       moc_mode=args.get("moc", "sample"),
       vocab_size=160,  # >= the tokenizer's size; 30522 for a BERT vocabulary
       max_position=512,

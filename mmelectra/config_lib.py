@@ -62,11 +62,30 @@ def run_dir(path: str) -> str:
   return os.fspath(path)  # `load` names what is missing
 
 
+def upgrade(raw: dict) -> dict:
+  """A run config saved by an earlier version, in today's schema.
+
+  - `model.generator_tied` (bool) became `model.generator`: `tied`, or `crossmodal`, the
+    only other generator there was then.
+  - `loss_weights.clm` (corrective LM) and `loss_weights.itc` (contrastive alignment) did
+    not exist: 0, off (`model.contrastive_dim` then unused); nor did
+    `discriminator_mask_fraction`: 0, every masked word replaced.
+  """
+  model = raw.get("model", {})
+  if "generator" not in model:
+    model["generator"] = "tied" if model.pop("generator_tied", False) else "crossmodal"
+  model.setdefault("contrastive_dim", 128)
+  raw.setdefault("discriminator_mask_fraction", 0.0)
+  for name in ("clm", "itc"):
+    raw.get("loss_weights", {}).setdefault(name, 0.0)
+  return raw
+
+
 def load(workdir: str) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a mmelectra workdir?")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = ml_collections.ConfigDict(upgrade(json.loads(path.read_text())))
   config.logical_axis_rules = tuple(
       (name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in config.logical_axis_rules)
   config.lock()

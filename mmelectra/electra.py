@@ -197,6 +197,17 @@ def sample_regions_of_class(rng: Array, classes: Array, candidate_labels: Array,
   return idx, match.any(axis=-1)
 
 
+def keep_masked(rng: Array, sampled: Array, weights: Array, fraction: float,
+                mask_id: int) -> tuple[Array, Array]:
+  """The tokens the discriminator reads at the masked slots `[B, M]`: the generator's
+  samples, except a random `fraction` of the real slots that stay `mask_id`.
+
+  Returns the tokens and the bool `[B, M]` of the slots kept masked.
+  """
+  kept = (jax.random.uniform(rng, sampled.shape) < fraction) & (weights > 0)
+  return jnp.where(kept, jnp.asarray(mask_id, sampled.dtype), sampled), kept
+
+
 # --- labels -----------------------------------------------------------------------------
 def replaced_tokens(original: Array, corrupted: Array, valid: Array) -> Array:
   """RTD labels: 1 where the token differs from the original (a sampled original is 0)."""
@@ -257,21 +268,47 @@ def smooth_l1(pred: Array, target: Array, weights: Array, beta: float = 1.0) -> 
   return (loss * weights).sum(), weights.sum()
 
 
+def contrastive_terms(text: Array, image: Array, scale: Array, text_valid: Array,
+                      image_valid: Array, scores_fn=None) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+  """Symmetric InfoNCE between example b's text and its image (CLIP, ALBEF's ITC).
+
+  Args:
+    text, image: `[B, C]` unit-norm embeddings; row b of each belongs to example b.
+    scale: the inverse temperature.
+    text_valid: `[B]` texts that take part (as queries and as candidates).
+    image_valid: `[B]` images that take part.
+    scores_fn: `(queries [B, 1, C], candidates [B, C], valid [B]) -> [B, 1, B]` dot
+      products over sqrt(C) (`region_candidate_scores`, or its all-shard version).
+  Returns:
+    the loss as `(sum, weight)` over both directions, and the text->image top-1
+    accuracy sums. A row counts when its text and image both take part.
+  """
+  scores_fn = scores_fn or region_candidate_scores
+  factor = scale * math.sqrt(text.shape[-1])
+  t2i = scores_fn(text[:, None], image, image_valid)[:, 0] * factor
+  i2t = scores_fn(image[:, None], text, text_valid)[:, 0] * factor
+  rows = (text_valid & image_valid).astype(jnp.float32)
+  labels = jnp.arange(text.shape[0], dtype=jnp.int32)
+  a, b = cross_entropy(t2i, labels, rows), cross_entropy(i2t, labels, rows)
+  return (a[0] + b[0], a[1] + b[1]), accuracy_sums(argmax(t2i), labels, rows)
+
+
 def mean(pair: tuple[Array, Array]) -> Array:
   total, weight = pair
   return total / jnp.maximum(weight, 1e-9)
 
 
-LOSS_NAMES = ("moc", "mlm", "r2d", "rtd", "itm")
+# The patent's five losses (L1-L5), then the optional corrective LM and contrastive
+# alignment (docs/method.md).
+LOSS_NAMES = ("moc", "mlm", "r2d", "rtd", "itm", "clm", "itc")
 
 
 def weighted_total(losses: dict[str, Array], weights) -> Array:
   """`w1*L1 + ... + w5*L5` over the losses present; a zero weight drops the term."""
   total = jnp.zeros((), jnp.float32)
   for name in LOSS_NAMES:
-    w = float(weights[name])
-    if w != 0.0 and name in losses:
-      total = total + w * losses[name]
+    if name in losses and float(weights[name]) != 0.0:
+      total = total + float(weights[name]) * losses[name]
   return total
 
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mmelectra import electra
+from mmelectra import model as model_lib
 
 # Dense bf16 peak per chip (vendor figures, FLOP/s). MFU is quoted against these, as is
 # conventional, whatever the run's compute dtype: a float32 run shows the cost of fp32.
@@ -97,16 +98,21 @@ def train_step_flops(config) -> float:
   pool = 2 * mr * b * k * h if m.moc_mode == "sample" else 0.0
   itm = 2 * h * h + 2 * h * 2
   if config.objective == "electra":
-    if m.get("generator_tied", False):  # the discriminator's own encoder, no projection
-      g, gen, projection = h, disc, 0.0
-    else:
-      g = max(int(round(h * m.generator_width_ratio)), 1)
-      gen = _Encoder(g, max(int(round(m.mlp_dim * m.generator_width_ratio)), 1),
-                     m.l_layers, m.r_layers, m.x_layers)
-      projection = 2 * (t + k) * h * g
+    g_cfg = model_lib.generator_config(
+        model_lib.EncoderConfig(h, m.num_heads, m.mlp_dim, m.l_layers, m.r_layers, m.x_layers),
+        m.generator, m.generator_width_ratio)
+    g = g_cfg.hidden_size
+    gen = _Encoder(g, g_cfg.mlp_dim, g_cfg.l_layers, g_cfg.r_layers, g_cfg.x_layers)
+    # tied: the discriminator's own encoder, no width projection.
+    projection = 0.0 if m.generator == "tied" else 2 * (t + k) * h * g
     generator = boxes + projection + encoder_forward_flops(gen, t, k) + heads(g) + pool
     binary_heads = 2 * (t + k) * (h * h + h)  # RTD and R2D
-    discriminator = boxes + encoder_forward_flops(disc, t, k) + binary_heads + itm
+    clm = 2 * mt * (h * h + h * v) if config.loss_weights.clm > 0 else 0.0  # corrective LM
+    # Contrastive alignment: two projections to the shared space, and every text against
+    # every image of the global batch in both directions.
+    c = m.contrastive_dim
+    itc = 2 * 2 * h * c + 2 * 2 * b * c if config.loss_weights.itc > 0 else 0.0
+    discriminator = boxes + encoder_forward_flops(disc, t, k) + binary_heads + clm + itc + itm
     # MOC `regress` writes back regressed features, which are projected anew.
     replaced = 2 * mr * dv * h if m.moc_mode == "regress" else 0.0
     forward = visual + generator + replaced + discriminator

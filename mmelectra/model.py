@@ -12,7 +12,10 @@ maps them to the `(data, fsdp, model)` mesh. Activations carry logical constrain
 
 The generator (ELECTRA) is the same `Encoder` class at a fraction of the width. It reads
 the discriminator's embedding outputs (the word table and visual projection are shared,
-not copied) through one dense projection that adapts the width.
+not copied) through one dense projection that adapts the width. By default it is
+*per modality* (docs/method.md, "The generator"): a text stack and a region stack with no
+cross-modality layer, so its MLM logits depend on the text alone and its MOC output on the
+image alone, and only the discriminator reads the two together.
 
 `model.scan_layers=True` runs each layer stack (L, R, X) as one `nn.scan` over stacked
 parameters (`encoder/l_layers/...` with a leading "layers" axis) instead of unrolled
@@ -266,7 +269,9 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, lang: Array, lang_mask: Array, vis: Array, vis_mask: Array,
-               deterministic: bool) -> tuple[Array, Array]:
+               deterministic: bool, with_unimodal: bool = False):
+    """`(lang, vis)` after the cross-modality layers; with `with_unimodal` also the
+    single-modality outputs before them, `(lang, vis, lang_unimodal, vis_unimodal)`."""
     cfg = self.cfg
     if cfg.scan_layers:
       if cfg.l_layers:
@@ -275,10 +280,11 @@ class Encoder(nn.Module):
       if cfg.r_layers:
         vis, _ = _scanned(_ScanTransformerLayer, cfg, cfg.r_layers, 2)(
             cfg, axes=_VIS_AXES, name="r_layers")(vis, vis_mask, deterministic)
+      unimodal = (lang, vis)
       if cfg.x_layers:
         (lang, vis), _ = _scanned(_ScanCrossModalityLayer, cfg, cfg.x_layers, 3)(
             cfg, name="x_layers")((lang, vis), lang_mask, vis_mask, deterministic)
-      return lang, vis
+      return (lang, vis) + (unimodal if with_unimodal else ())
     layer_cls = _maybe_remat(TransformerLayer, cfg)
     x_layer_cls = _maybe_remat(CrossModalityLayer, cfg)
     for i in range(cfg.l_layers):
@@ -287,11 +293,12 @@ class Encoder(nn.Module):
     for i in range(cfg.r_layers):
       vis = layer_cls(cfg, name=f"r_layer_{i}")(vis, vis_mask, deterministic)
       vis = nn.with_logical_constraint(vis, _VIS_AXES)
+    unimodal = (lang, vis)
     for i in range(cfg.x_layers):
       lang, vis = x_layer_cls(cfg, name=f"x_layer_{i}")(lang, lang_mask, vis, vis_mask, deterministic)
       lang = nn.with_logical_constraint(lang, _LANG_AXES)
       vis = nn.with_logical_constraint(vis, _VIS_AXES)
-    return lang, vis
+    return (lang, vis) + (unimodal if with_unimodal else ())
 
 
 # --- scanned <-> unrolled parameter layout ---------------------------------------------
@@ -470,6 +477,13 @@ class Pooler(nn.Module):
     return jnp.tanh(_dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "dense")(lang[:, 0]))
 
 
+# `model.generator`: what the ELECTRA generator reads (docs/method.md, "The generator").
+#   per_modality  text stack -> MLM, region stack -> MOC; neither sees the other modality
+#   crossmodal    a narrow copy of the whole LXMERT encoder (cross layers included)
+#   tied          the discriminator's own encoder (ELECTRA's "tie all weights"), own heads
+GENERATORS = ("per_modality", "crossmodal", "tied")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Everything that fixes the parameter shapes of `MMElectra`."""
@@ -482,9 +496,17 @@ class ModelConfig:
   visual_feat_dim: int
   moc_mode: str  # sample | regress | classify
   num_object_classes: int
-  # ELECTRA's "tie all weights": the generator runs the discriminator's own encoder (and
-  # so is full width) with its own MLM/MOC heads. See configs/pretrain.py.
-  generator_tied: bool = False
+  generator_kind: str = "per_modality"  # one of GENERATORS (objective "electra")
+  # Corrective LM (COCO-LM) on the discriminator: at each masked text slot the fusion
+  # encoder also predicts the original word (`clm_head`). See objectives.electra_losses.
+  corrective_lm: bool = False
+  # Image-text contrastive alignment (ALBEF's "align before fuse") on the fusion encoder's
+  # own single-modality outputs: the width of the shared embedding space, 0 for none.
+  contrastive_dim: int = 0
+
+  @property
+  def generator_tied(self) -> bool:
+    return self.generator is not None and self.generator_kind == "tied"
 
   def moc_out_dim(self) -> int:
     return {"sample": self.encoder.hidden_size, "regress": self.visual_feat_dim,
@@ -503,18 +525,11 @@ def model_config_from(config) -> ModelConfig:
       # .get: run configs saved before the option existed lack the field.
       scan_layers=bool(m.get("scan_layers", False)))
   gen = None
-  # .get: run configs saved before the option existed lack the field.
-  tied = config.objective == "electra" and bool(m.get("generator_tied", False))
-  if tied:
-    gen = enc
-  elif config.objective == "electra":
-    width = max(int(round(m.hidden_size * m.generator_width_ratio)), 1)
-    heads = max(int(round(m.num_heads * m.generator_width_ratio)), 1)
-    if width % heads:
-      raise ValueError(f"generator width {width} is not divisible by its {heads} heads; "
-                       f"change model.generator_width_ratio={m.generator_width_ratio}")
-    gen = dataclasses.replace(enc, hidden_size=width, num_heads=heads,
-                              mlp_dim=max(int(round(m.mlp_dim * m.generator_width_ratio)), 1))
+  kind = m.generator
+  if kind not in GENERATORS:
+    raise ValueError(f"config.model.generator must be one of {GENERATORS}, got {kind!r}")
+  if config.objective == "electra":
+    gen = generator_config(enc, kind, m.generator_width_ratio)
   elif config.objective != "mlm":
     raise ValueError(f"config.objective must be 'electra' or 'mlm', got {config.objective!r}")
   if m.hidden_size % m.num_heads:
@@ -522,9 +537,35 @@ def model_config_from(config) -> ModelConfig:
   if m.moc_mode not in ("sample", "regress", "classify"):
     raise ValueError(f"model.moc_mode must be sample|regress|classify, got {m.moc_mode!r}")
   return ModelConfig(
-      encoder=enc, generator=gen, generator_tied=tied, vocab_size=m.vocab_size, max_position=m.max_position,
-      type_vocab_size=m.type_vocab_size, visual_feat_dim=m.visual_feat_dim,
-      moc_mode=m.moc_mode, num_object_classes=m.num_object_classes)
+      encoder=enc, generator=gen, generator_kind=kind, vocab_size=m.vocab_size,
+      max_position=m.max_position, type_vocab_size=m.type_vocab_size,
+      visual_feat_dim=m.visual_feat_dim, moc_mode=m.moc_mode,
+      num_object_classes=m.num_object_classes,
+      corrective_lm=config.objective == "electra" and config.loss_weights.clm > 0,
+      contrastive_dim=m.contrastive_dim if config.loss_weights.itc > 0 else 0)
+
+
+def generator_config(enc: EncoderConfig, kind: str, width_ratio: float) -> EncoderConfig:
+  """The generator's encoder sizes for `model.generator` = `kind`.
+
+  `tied` is the discriminator's encoder itself. The others are `width_ratio` of its width,
+  heads and MLP. `crossmodal` keeps the discriminator's L/R/X depths; `per_modality` has
+  no cross-modality layer and gives each modality the depth its stream has in the
+  discriminator (L + X text layers, R + X region layers).
+  """
+  if kind == "tied":
+    return enc
+  width = max(int(round(enc.hidden_size * width_ratio)), 1)
+  heads = max(int(round(enc.num_heads * width_ratio)), 1)
+  if width % heads:
+    raise ValueError(f"generator width {width} is not divisible by its {heads} heads; "
+                     f"change model.generator_width_ratio={width_ratio}")
+  gen = dataclasses.replace(enc, hidden_size=width, num_heads=heads,
+                            mlp_dim=max(int(round(enc.mlp_dim * width_ratio)), 1))
+  if kind == "per_modality":
+    gen = dataclasses.replace(gen, l_layers=enc.l_layers + enc.x_layers,
+                              r_layers=enc.r_layers + enc.x_layers, x_layers=0)
+  return gen
 
 
 class MMElectra(nn.Module):
@@ -545,6 +586,15 @@ class MMElectra(nn.Module):
     self.encoder = Encoder(enc)
     self.pooler = Pooler(enc)
     self.itm_head = _dense(2, "hidden", "classes", enc.dtype, "itm_head")
+    if cfg.contrastive_dim:
+      self.itc_text_projection = _dense(cfg.contrastive_dim, "embed", "hidden", enc.dtype,
+                                        "itc_text_projection")
+      self.itc_image_projection = _dense(cfg.contrastive_dim, "embed", "hidden", enc.dtype,
+                                         "itc_image_projection")
+      # CLIP/ALBEF: a learned inverse temperature, kept as its log, starting at 1/0.07.
+      self.itc_log_scale = self.param(
+          "itc_log_scale", nn.with_logical_partitioning(
+              nn.initializers.constant(math.log(1 / 0.07)), ()), (), jnp.float32)
     if cfg.generator is None:
       # Objective "mlm": the encoder itself predicts masked words and regions.
       self.mlm_head = TiedMLMHead(enc, enc.hidden_size, cfg.vocab_size)
@@ -559,6 +609,8 @@ class MMElectra(nn.Module):
         self.generator = Encoder(gen)
       self.generator_mlm_head = TiedMLMHead(gen, enc.hidden_size, cfg.vocab_size)
       self.generator_moc_head = MOCHead(gen, cfg.moc_mode, cfg.moc_out_dim())
+      if cfg.corrective_lm:
+        self.clm_head = TiedMLMHead(enc, enc.hidden_size, cfg.vocab_size)
 
   # --- shared pieces -------------------------------------------------------------------
   def _embed(self, text_ids, region_feats, region_boxes, deterministic, region_embeds=None):
@@ -584,6 +636,33 @@ class MMElectra(nn.Module):
   def itm_logits(self, pooled: Array) -> Array:
     return self.itm_head(pooled).astype(jnp.float32)
 
+  def contrastive_embeddings(self, lang_unimodal, text_mask, vis_unimodal, region_mask):
+    """Unit-norm text and image embeddings `[B, C]` from the single-modality outputs (the
+    first text token; the mean of the real regions), and the inverse temperature.
+
+    A pure dual encoder: the text embedding never reads the image nor the image's the
+    text, so a whole pool can be ranked by one matrix product (`retrieval`).
+    """
+    del text_mask  # the first token ([CLS]) summarises the text, as the pooler's does
+    text = self.itc_text_projection(lang_unimodal[:, 0]).astype(jnp.float32)
+    m = region_mask[..., None].astype(jnp.float32)
+    vis = (vis_unimodal.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    image = self.itc_image_projection(vis).astype(jnp.float32)
+    normalize = lambda x: x * jax.lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), 1e-12))
+    # Clipped at 100, as CLIP does, so the logits cannot run away.
+    scale = jnp.exp(jnp.minimum(self.itc_log_scale, math.log(100.0)))
+    return normalize(text), normalize(image), scale
+
+  def dual_encode(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
+                  deterministic: bool = True, region_embeds=None):
+    """Contrastive embeddings of texts and images, each read alone: `(text, image, scale)`.
+
+    Only the single-modality outputs are used, so under `jit` XLA drops the cross layers.
+    """
+    lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic, region_embeds)
+    out = self.encoder(lang, text_mask, vis, region_mask, deterministic, with_unimodal=True)
+    return self.contrastive_embeddings(out[2], text_mask, out[3], region_mask)
+
   # --- ELECTRA --------------------------------------------------------------------------
   def generate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
                text_positions, region_positions, deterministic: bool, with_itm: bool = False,
@@ -600,7 +679,9 @@ class MMElectra(nn.Module):
       lang, vis = self.encoder(lang, text_mask, vis, region_mask, deterministic)
     else:
       if with_itm:
-        raise ValueError("ITM on the masked pair needs model.generator_tied=True")
+        raise ValueError("ITM on the masked pair needs model.generator='tied'")
+      # per_modality: the generator encoder has no cross layer (x_layers=0), so the text
+      # stack never reads the regions and the region stack never reads the text.
       lang, vis = self.generator_projection(lang), self.generator_projection(vis)
       lang, vis = self.generator(lang, text_mask, vis, region_mask, deterministic)
     lang_m, vis_m = gather(lang, text_positions), gather(vis, region_positions)
@@ -610,11 +691,19 @@ class MMElectra(nn.Module):
     return out
 
   def discriminate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
-                   deterministic: bool, region_embeds=None):
-    """RTD logits `[B, T]`, R2D logits `[B, K]`, ITM logits `[B, 2]` on the fused features."""
-    lang, vis, pooled = self.encode(text_ids, text_mask, region_feats, region_boxes,
-                                    region_mask, deterministic, region_embeds)
-    return self.rtd_head(lang), self.r2d_head(vis), self.itm_logits(pooled)
+                   deterministic: bool, region_embeds=None, text_positions=None):
+    """RTD logits `[B, T]`, R2D logits `[B, K]`, ITM logits `[B, 2]` on the fused features;
+    with `text_positions` (and the corrective-LM head) also the corrective-LM logits
+    `[B, Mt, V]` at those slots: the original word, predicted from the corrupted pair."""
+    lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic, region_embeds)
+    lang, vis, lang_uni, vis_uni = self.encoder(lang, text_mask, vis, region_mask, deterministic,
+                                                with_unimodal=True)
+    out = (self.rtd_head(lang), self.r2d_head(vis), self.itm_logits(self.pooler(lang)))
+    if text_positions is not None:
+      out += (self.clm_head(gather(lang, text_positions), self.embeddings),)
+    if self.cfg.contrastive_dim:
+      out += (self.contrastive_embeddings(lang_uni, text_mask, vis_uni, region_mask),)
+    return out
 
   # --- MLM baseline ---------------------------------------------------------------------
   def predict_masked(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
@@ -635,8 +724,9 @@ class MMElectra(nn.Module):
     else:
       out["generator"] = self.generate(text_ids, text_mask, region_feats, region_boxes,
                                        region_mask, text_positions, region_positions, deterministic)
-      out["discriminator"] = self.discriminate(text_ids, text_mask, region_feats, region_boxes,
-                                               region_mask, deterministic)
+      out["discriminator"] = self.discriminate(
+          text_ids, text_mask, region_feats, region_boxes, region_mask, deterministic,
+          text_positions=text_positions if self.cfg.corrective_lm else None)
     return out
 
 

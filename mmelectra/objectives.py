@@ -38,6 +38,9 @@ class ObjectiveConfig:
   itm_input: str  # "corrupted" (the discriminator's pair) | "masked" (tied generator's pass)
   text_temperature: float
   region_temperature: float
+  # Share of the masked text slots that the discriminator reads as [MASK] instead of the
+  # generator's sample (docs/method.md §9); they leave RTD and count in the corrective LM.
+  discriminator_mask_fraction: float
   loss_weights: tuple[tuple[str, float], ...]
   mask_id: int
   special_ids: tuple[int, ...]  # never masked: [CLS], [SEP], [PAD]
@@ -60,6 +63,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
       itm_negative_fraction=config.itm_negative_fraction,
       itm_input=_itm_input(config),
       text_temperature=config.text_temperature,
+      discriminator_mask_fraction=config.discriminator_mask_fraction,
       region_temperature=config.region_temperature,
       loss_weights=tuple((k, float(config.loss_weights[k])) for k in electra.LOSS_NAMES),
       mask_id=int(special_token_ids["mask"]),
@@ -78,8 +82,8 @@ def _choice(config, key: str, choices: tuple[str, ...]) -> str:
 
 def _itm_input(config) -> str:
   itm_input = _choice(config, "itm_input", ("corrupted", "masked"))
-  if itm_input == "masked" and config.objective == "electra" and not config.model.get("generator_tied", False):
-    raise ValueError("config.itm_input='masked' needs config.model.generator_tied=True: only then "
+  if itm_input == "masked" and config.objective == "electra" and config.model.generator != "tied":
+    raise ValueError("config.itm_input='masked' needs config.model.generator='tied': only then "
                      "is the generator's encoder the deployed fusion encoder")
   return itm_input
 
@@ -230,7 +234,12 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   moc, moc_acc, moc_scores = _moc_terms(moc_out, embeds, x, region_loss_w, ocfg)
 
   # Write the generator's predictions back (gradient stopped through token samples).
+  rng_text, rng_keep = jax.random.split(rng_text)
   sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
+  kept_masked = None
+  if ocfg.discriminator_mask_fraction > 0:
+    sampled_tokens, kept_masked = electra.keep_masked(
+        rng_keep, sampled_tokens, x.text_weights, ocfg.discriminator_mask_fraction, ocfg.mask_id)
   corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
   def project(feats):
     return model.apply({"params": params}, feats, method=MMElectra.candidate_embeddings)
@@ -243,25 +252,47 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   rtd_labels = electra.replaced_tokens(x.text_ids, corrupted_ids, x.text_mask)
   r2d_labels = electra.replaced_regions(x.feats, corrupted_feats, x.region_mask)
 
-  rtd_logits, r2d_logits, disc_itm_logits = model.apply(
+  corrective = ocfg.weights["clm"] > 0
+  discriminated = model.apply(
       {"params": params}, corrupted_ids, x.text_mask, None, x.boxes, x.region_mask, deterministic,
-      region_embeds=corrupted_embeds, method=MMElectra.discriminate, rngs={"dropout": rng_disc})
+      region_embeds=corrupted_embeds, text_positions=x.text_positions if corrective else None,
+      method=MMElectra.discriminate, rngs={"dropout": rng_disc})
+  rtd_logits, r2d_logits, disc_itm_logits = discriminated[:3]
   text_w = x.text_mask * pair_w[:, None]
+  if kept_masked is not None:  # a [MASK] is plainly not the original: no RTD target there
+    text_w = text_w * ~electra.positions_to_dense(x.text_positions, kept_masked, x.text_ids.shape[1])
   region_w = x.region_mask * pair_w[:, None]
   rtd = electra.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = electra.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
   itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else disc_itm_logits, x)
 
   losses = {"moc": moc, "mlm": mlm, "r2d": r2d, "rtd": rtd, "itm": itm}
+  if len(discriminated) > 3 + corrective:
+    # Contrastive alignment of the discriminator's own single-modality outputs. A text
+    # takes part where it is its image's (matched pairs), an image wherever it is real;
+    # the candidates are the whole global batch (all data-parallel shards).
+    text_emb, image_emb, scale = discriminated[-1]
+    losses["itc"], itc_acc = electra.contrastive_terms(
+        text_emb, image_emb, scale, pair_w > 0, x.example > 0, collectives.pool_candidate_scores)
+  if corrective:
+    # Corrective LM: the original word at every masked slot, from the corrupted pair
+    # (matched pairs only, like L2). Where the generator replaced an attribute word, only
+    # the image tells the original.
+    losses["clm"], clm_acc = _mlm_terms(discriminated[3], x, text_loss_w)
   loss = electra.weighted_total({k: electra.mean(v) for k, v in losses.items()}, ocfg.weights)
   sums = {f"{k}_loss": v for k, v in losses.items()}
   sums["mlm_acc"] = mlm_acc
+  if corrective:
+    sums["clm_acc"] = clm_acc
+  if "itc" in losses:
+    sums["itc_acc"] = itc_acc
   if moc_acc is not None:
     sums["moc_acc"] = moc_acc
   sums.update(electra.binary_metric_sums("rtd", rtd_logits, rtd_labels, text_w))
   sums.update(electra.binary_metric_sums("r2d", r2d_logits, r2d_labels, region_w))
   sums["itm_acc"] = itm_acc
-  masked_text = electra.positions_to_dense(x.text_positions, x.text_weights * pair_w[:, None],
+  sampled_w = x.text_weights if kept_masked is None else x.text_weights * ~kept_masked
+  masked_text = electra.positions_to_dense(x.text_positions, sampled_w * pair_w[:, None],
                                            x.text_ids.shape[1])
   masked_regions = electra.positions_to_dense(x.region_positions, x.region_weights * pair_w[:, None],
                                               x.feats.shape[1])

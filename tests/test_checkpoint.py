@@ -188,16 +188,34 @@ def _parse_cli_config(argv):
   return holder.value
 
 
-def test_generator_argument_selects_the_tied_variant_and_rejects_others():
+def test_generator_argument_selects_the_variant_and_rejects_others():
   from configs import pretrain
-  tied, small = pretrain.get_config("size=tiny,generator=tied"), pretrain.get_config("size=tiny")
-  assert (tied.model.generator_tied, tied.itm_input, tied.loss_weights.rtd, tied.loss_weights.r2d) == (
-      True, "masked", 1.0, 1.0)
-  assert (small.model.generator_tied, small.itm_input, small.loss_weights.rtd) == (False, "corrupted", 50.0)
+  tied, default = pretrain.get_config("size=tiny,generator=tied"), pretrain.get_config("size=tiny")
+  cross = pretrain.get_config("size=tiny,generator=crossmodal")
+  assert (tied.model.generator, tied.itm_input, tied.loss_weights.rtd, tied.loss_weights.r2d) == (
+      "tied", "masked", 1.0, 1.0)
+  assert (default.model.generator, default.itm_input, default.loss_weights.rtd) == (
+      "per_modality", "corrupted", 50.0)
+  assert (cross.model.generator, cross.itm_input) == ("crossmodal", "corrupted")
   with pytest.raises(ValueError, match="generator='big'"):
     pretrain.get_config("generator=big")
   with pytest.raises(ValueError, match="objective=electra"):
     pretrain.get_config("objective=mlm,generator=tied")
+
+
+def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_path):
+  import json
+  from configs import pretrain
+  from mmelectra import config_lib
+  for tied, kind in ((False, "crossmodal"), (True, "tied")):
+    raw = pretrain.get_config("size=tiny").to_dict()
+    raw["logical_axis_rules"] = [list(r) for r in raw["logical_axis_rules"]]
+    del raw["model"]["generator"], raw["loss_weights"]["clm"]
+    raw["model"]["generator_tied"] = tied
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    loaded = config_lib.load(str(tmp_path))
+    assert loaded.model.generator == kind and loaded.loss_weights.clm == 0.0
+    assert "generator_tied" not in loaded.model
 
 
 def test_unknown_config_key_is_an_error_naming_it():

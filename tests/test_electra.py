@@ -250,3 +250,38 @@ def test_metric_sums_add_across_batches():
   a = {"x_acc": (jnp.array(3.0), jnp.array(4.0))}
   b = {"x_acc": (jnp.array(1.0), jnp.array(4.0))}
   assert electra.finalize_metrics(electra.add_metric_sums(a, b))["x_acc"] == pytest.approx(0.5)
+
+
+def test_contrastive_terms_are_symmetric_infonce_over_the_rows_that_take_part():
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  text, image = unit(rng.normal(size=(5, 8))), unit(rng.normal(size=(5, 8)))
+  text_valid = np.array([1, 1, 0, 1, 1], bool)  # row 2's text is another image's
+  image_valid = np.array([1, 1, 1, 1, 0], bool)  # row 4 is padding
+  (total, weight), (correct, rows) = electra.contrastive_terms(
+      jnp.asarray(text), jnp.asarray(image), 10.0, jnp.asarray(text_valid), jnp.asarray(image_valid))
+  sim = 10.0 * text @ image.T
+  t2i = np.where(image_valid[None], sim, -np.inf)
+  i2t = np.where(text_valid[None], sim.T, -np.inf)
+  lse = lambda x: np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+  rows_in = text_valid & image_valid
+  want = sum(lse(m)[rows_in].sum() - m[rows_in, np.flatnonzero(rows_in)].sum() for m in (t2i, i2t))
+  np.testing.assert_allclose(float(total), want, rtol=1e-5)
+  assert float(weight) == 2 * rows_in.sum() and float(rows) == rows_in.sum()
+  assert float(correct) == (t2i.argmax(-1) == np.arange(5))[rows_in].sum()
+  # Perfectly aligned pairs at a high temperature cost almost nothing.
+  (aligned, _), _ = electra.contrastive_terms(jnp.asarray(image), jnp.asarray(image), 100.0,
+                                              jnp.ones(5, bool), jnp.ones(5, bool))
+  assert float(aligned) < 1e-3
+
+
+def test_keep_masked_leaves_the_requested_share_of_real_slots_masked():
+  sampled = jnp.full((200, 8), 7, jnp.int32)
+  weights = jnp.ones((200, 8)).at[:, -2:].set(0.0)  # the last two slots are padding
+  tokens, kept = electra.keep_masked(jax.random.key(0), sampled, weights, 0.25, mask_id=4)
+  tokens, kept = np.asarray(tokens), np.asarray(kept)
+  assert not kept[:, -2:].any()
+  assert abs(kept[:, :-2].mean() - 0.25) < 0.03
+  np.testing.assert_array_equal(tokens, np.where(kept, 4, 7))
+  none, _ = electra.keep_masked(jax.random.key(0), sampled, weights, 0.0, mask_id=4)
+  np.testing.assert_array_equal(np.asarray(none), 7)

@@ -27,12 +27,18 @@ def test_every_parameter_has_logical_axis_names():
 
 
 def test_generator_is_narrower_and_shares_the_embeddings():
-  config = micro_config()
-  params = nn.unbox(_boxed_params(config))
-  hidden = config.model.hidden_size
-  gen_width = params["generator_projection"]["kernel"].shape[1]
-  assert gen_width < hidden
-  assert params["generator"]["l_layer_0"]["ffn"]["intermediate"]["kernel"].shape[0] == gen_width
+  for kind in ("per_modality", "crossmodal"):
+    config = micro_config(**{"model.generator": kind})
+    params = nn.unbox(_boxed_params(config))
+    hidden = config.model.hidden_size
+    gen_width = params["generator_projection"]["kernel"].shape[1]
+    assert gen_width < hidden
+    assert params["generator"]["l_layer_0"]["ffn"]["intermediate"]["kernel"].shape[0] == gen_width
+    layers = sorted(params["generator"])
+    if kind == "per_modality":  # L + X text layers, R + X region layers, no cross layer
+      assert layers == ["l_layer_0", "l_layer_1", "r_layer_0", "r_layer_1"]
+    else:
+      assert layers == ["l_layer_0", "r_layer_0", "x_layer_0"]
   # One word table and one visual projection in the whole tree.
   paths = ["/".join(str(getattr(p, "key", p)) for p in path)
            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -47,10 +53,10 @@ def test_generator_reads_the_discriminators_embedding_arrays():
   batch = jax.tree.map(jnp.asarray, random_batch(config))
 
   def gen_loss(params):
-    # Only the generator's MLM loss: its gradient must reach the shared word table and
-    # visual projection (they are the same arrays the discriminator reads).
+    # Only the generator's losses (MLM, MOC): their gradient must reach the shared word
+    # table and visual projection (the same arrays the discriminator reads).
     ocfg = setup.ocfg
-    weights = dict(ocfg.weights, moc=0.0, r2d=0.0, rtd=0.0, itm=0.0)
+    weights = dict(ocfg.weights, r2d=0.0, rtd=0.0, itm=0.0)
     ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
     return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[0]
 
@@ -62,8 +68,97 @@ def test_generator_reads_the_discriminators_embedding_arrays():
   assert float(jnp.abs(grads["encoder"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) == 0
 
 
+def test_per_modality_generator_reads_one_modality_per_head():
+  """MLM logits do not move when the image changes; MOC outputs do not move when the
+  text changes. The crossmodal generator's do (the control)."""
+  b = random_batch(micro_config())
+  other = random_batch(micro_config(), seed=1)
+  positions = np.array([[1, 2]] * 8, np.int32)
+  for kind in ("per_modality", "crossmodal"):
+    config = micro_config(**{"model.generator": kind})
+    setup = train.build(config, SPECIAL_IDS)
+    params = train.init_state(setup, 0)["params"]
+
+    def generate(text, image):
+      return setup.model.apply(
+          {"params": params}, text["text_ids"], text["text_mask"], image["region_feats"],
+          image["region_boxes"], image["region_mask"], positions, positions, True,
+          method=MMElectra.generate)
+
+    mlm, moc = generate(b, b)
+    mlm_new_image, moc_new_image = generate(b, other)
+    mlm_new_text, moc_new_text = generate(other, b)
+    image_moves_mlm = float(jnp.abs(mlm_new_image - mlm).max())
+    text_moves_moc = float(jnp.abs(moc_new_text - moc).max())
+    assert float(jnp.abs(moc_new_image - moc).max()) > 1e-3  # each head reads its own input
+    assert float(jnp.abs(mlm_new_text - mlm).max()) > 1e-3
+    if kind == "per_modality":
+      assert image_moves_mlm == 0.0 and text_moves_moc == 0.0
+    else:
+      assert image_moves_mlm > 1e-4 and text_moves_moc > 1e-4
+
+
+def test_corrective_lm_trains_the_discriminator_to_predict_the_original_words():
+  config = micro_config(**{"loss_weights.clm": 1.0})
+  params = nn.unbox(_boxed_params(config))
+  # Its own head at full width; the word table stays the one shared table.
+  assert params["clm_head"]["transform"]["kernel"].shape[0] == config.model.hidden_size
+  assert "clm_head" not in nn.unbox(_boxed_params(micro_config()))
+  setup = train.build(config, SPECIAL_IDS)
+  state = train.init_state(setup, 0)
+  batch = jax.tree.map(jnp.asarray, random_batch(config))
+  ocfg = setup.ocfg
+  weights = {k: 0.0 for k in ocfg.weights} | {"clm": 1.0}
+  only_clm = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
+  loss, sums = objectives.compute_losses(setup.model, state["params"], batch, jax.random.key(0),
+                                         only_clm, True)
+  # At initialisation the head is near uniform over the vocabulary.
+  np.testing.assert_allclose(float(loss), np.log(config.model.vocab_size), rtol=0.1)
+  assert "clm_acc" in sums and "clm_loss" in sums
+  grads = jax.grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
+                                                       only_clm, True)[0])(state["params"])
+  # It trains the fusion encoder (cross layers included) and not the generator.
+  assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["generator"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) == 0
+
+
+def test_contrastive_alignment_reads_each_modality_alone_and_trains_below_the_cross_layers():
+  config = micro_config(**{"loss_weights.itc": 1.0})
+  setup = train.build(config, SPECIAL_IDS)
+  params = train.init_state(setup, 0)["params"]
+  b, other = random_batch(config), random_batch(config, seed=1)
+
+  def embed(text, image):
+    return setup.model.apply({"params": params}, text["text_ids"], text["text_mask"],
+                             image["region_feats"], image["region_boxes"], image["region_mask"],
+                             method=MMElectra.dual_encode)
+
+  text, image, scale = embed(b, b)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(text), axis=-1), 1.0, rtol=1e-5)
+  assert text.shape == (8, config.model.contrastive_dim)
+  np.testing.assert_allclose(float(scale), 1 / 0.07, rtol=1e-5)
+  # The text embedding does not read the image, nor the image embedding the text.
+  text_new_image, image_new_image, _ = embed(b, other)
+  text_new_text, image_new_text, _ = embed(other, b)
+  assert float(jnp.abs(text_new_image - text).max()) == 0.0
+  assert float(jnp.abs(image_new_text - image).max()) == 0.0
+  assert float(jnp.abs(image_new_image - image).max()) > 1e-3
+  ocfg = setup.ocfg
+  only_itc = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(
+      ({k: 0.0 for k in ocfg.weights} | {"itc": 1.0}).items())})
+  batch = jax.tree.map(jnp.asarray, b)
+  loss_fn = lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0), only_itc, True)
+  loss, sums = loss_fn(params)
+  assert "itc_acc" in sums and float(loss) > 0
+  grads = jax.grad(lambda p: loss_fn(p)[0])(params)
+  assert float(jnp.abs(grads["encoder"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["encoder"]["r_layer_0"]["ffn"]["output"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) == 0
+  assert float(jnp.abs(grads["itc_log_scale"])) > 0
+
+
 def test_tied_generator_runs_the_discriminators_encoder():
-  config = micro_config(**{"model.generator_tied": True})
+  config = micro_config(**{"model.generator": "tied"})
   params = nn.unbox(_boxed_params(config))
   assert "generator" not in params and "generator_projection" not in params
   # Its heads are its own, at full width.
@@ -88,9 +183,9 @@ def test_an_unknown_mask_count_is_an_error_naming_the_key():
 
 def test_itm_on_the_masked_pair_needs_a_tied_generator_and_reads_its_pass():
   import pytest
-  with pytest.raises(ValueError, match="generator_tied"):
+  with pytest.raises(ValueError, match="generator='tied'"):
     objectives.objective_config_from(micro_config(itm_input="masked"), SPECIAL_IDS)
-  config = micro_config(itm_input="masked", **{"model.generator_tied": True})
+  config = micro_config(itm_input="masked", **{"model.generator": "tied"})
   setup = train.build(config, SPECIAL_IDS)
   state = train.init_state(setup, 0)
   batch = jax.tree.map(jnp.asarray, random_batch(config))
