@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 # generator=tied: the electra configuration whose fusion encoder learns image-text
-# matching in this budget (README, "Known gap"); the default small generator does not.
+# matching in this budget; the default per-modality generator's discriminator does not
+# yet read the image (docs/findings.md).
 DEMO_CONFIG ?= configs/pretrain.py:size=tiny,regions=crops,generator=tied,runlocal
 
 .PHONY: demo test install clean

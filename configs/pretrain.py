@@ -94,14 +94,14 @@ def get_config(arg=None):
   c.debug_nan_steps = ""  # tests: comma-separated 0-based steps whose gradients become NaN
   c.grad_accum_steps = 1
 
-  # The method (METHOD.md decisions 4-8).
+  # The method (docs/method.md §4-§7).
   c.text_mask_rate = 0.15
   c.region_mask_rate = 0.15
-  # Masked positions per example: "ceil" = ceil(rate * valid), at least one (METHOD.md
-  # decision 6); "stochastic" = rate * valid on average (see electra.num_to_mask). With
+  # Masked positions per example: "ceil" = ceil(rate * valid), at least one (docs/method.md
+  # §6); "stochastic" = rate * valid on average (see electra.num_to_mask). With
   # 1-4 object crops per image, ceil masks a region in every image (25-100% of them);
   # stochastic masks 15% on average, but measured worse for the baseline's zero-shot
-  # retrieval (README "Known gap"), so the default stays ceil.
+  # retrieval (docs/findings.md), so the default stays ceil.
   c.mask_count = "ceil"
   c.itm_negative_fraction = 0.5
   # Which pair the ITM head reads: "corrupted" (the discriminator's input) or "masked"
@@ -112,10 +112,15 @@ def get_config(arg=None):
   # RTD/R2D gradient drowns the MLM signal that grounds that encoder (docs/findings.md).
   tied = args.get("generator") == "tied"
   c.itm_input = "masked" if tied else "corrupted"
-  # Share of the masked words the discriminator reads as [MASK] rather than the
-  # generator's sample (docs/method.md §9): the corrective LM then predicts them from the
-  # pair, as the baseline's MLM does, and RTD skips them. 0: ELECTRA (all replaced).
+  # Share of the masked words and regions the discriminator reads masked ([MASK], an
+  # all-zero region) rather than replaced by the generator's sample (docs/method.md §9):
+  # the corrective LM/MOC then predict them from the pair, as the baseline's MLM/MOC do,
+  # and RTD/R2D skip them. 0: ELECTRA (all replaced). With decay_steps > 0 the share holds
+  # for hold_steps, then falls linearly to 0 over decay_steps (a warm start on the
+  # baseline's task).
   c.discriminator_mask_fraction = 0.0
+  c.discriminator_mask_decay_steps = 0
+  c.discriminator_mask_hold_steps = 0
   c.text_temperature = 1.0
   c.region_temperature = 1.0
   disc_weight = 1.0 if tied else 50.0
@@ -123,12 +128,14 @@ def get_config(arg=None):
   # fusion encoder also predicts the original word from the corrupted pair. With the
   # per-modality generator a replaced attribute word's original can only be read off the
   # image, which gives the discriminator a grounding signal to start from (docs/method.md,
-  # "Corrective LM"). 0 switches it off (and drops its head).
+  # "Corrective LM"). 0 switches it off (and drops its head). cmoc: its region half, the
+  # original region at every masked region, predicted by the fusion encoder.
   # itc: image-text contrastive alignment (ALBEF's "align before fuse") of the fusion
   # encoder's own text and region stacks, before the cross layers, against every pair of
   # the global batch (docs/method.md, "Contrastive alignment"). 0 switches it off.
   c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=disc_weight,
-                                                  rtd=disc_weight, itm=1.0, clm=0.0, itc=0.0))
+                                                  rtd=disc_weight, itm=1.0, clm=0.0, cmoc=0.0,
+                                                  itc=0.0))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4 if size in ("tiny", "small") else 1e-4,

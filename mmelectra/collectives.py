@@ -1,7 +1,7 @@
 """Cross-shard pieces of the method, written as explicit `shard_map` collectives.
 
 Two parts of the method read across examples: MOC `sample` scores each masked region
-against every real region of the *global* batch (METHOD.md decision 5), and an ITM
+against every real region of the *global* batch (docs/method.md §5), and an ITM
 negative reads another example's text, which may sit on another data-parallel shard
 (decision 7). Under `jit` the objectives are written for the global batch, so GSPMD would
 insert some collective by itself; these helpers fix which one, and what each device

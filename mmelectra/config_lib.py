@@ -76,7 +76,9 @@ def upgrade(raw: dict) -> dict:
     model["generator"] = "tied" if model.pop("generator_tied", False) else "crossmodal"
   model.setdefault("contrastive_dim", 128)
   raw.setdefault("discriminator_mask_fraction", 0.0)
-  for name in ("clm", "itc"):
+  raw.setdefault("discriminator_mask_decay_steps", 0)
+  raw.setdefault("discriminator_mask_hold_steps", 0)
+  for name in ("clm", "cmoc", "itc"):
     raw.get("loss_weights", {}).setdefault(name, 0.0)
   return raw
 

@@ -31,7 +31,7 @@ def num_to_mask(maskable: Array, rate: float, max_count: int, rounding: str = "c
                 rng: Array | None = None) -> Array:
   """How many positions each example masks.
 
-  `ceil` (METHOD.md decision 6): `ceil(rate * valid)`, at least 1 where anything is
+  `ceil` (docs/method.md §6): `ceil(rate * valid)`, at least 1 where anything is
   maskable. `stochastic`: `floor(rate * valid + u)`, u ~ U[0, 1) per example (needs
   `rng`), whose mean is exactly `rate * valid`. The two agree in expectation for long
   sequences; for a few regions per image (1-4 object crops) `ceil` masks 25-100% of
@@ -300,7 +300,7 @@ def mean(pair: tuple[Array, Array]) -> Array:
 
 # The patent's five losses (L1-L5), then the optional corrective LM and contrastive
 # alignment (docs/method.md).
-LOSS_NAMES = ("moc", "mlm", "r2d", "rtd", "itm", "clm", "itc")
+LOSS_NAMES = ("moc", "mlm", "r2d", "rtd", "itm", "clm", "cmoc", "itc")
 
 
 def weighted_total(losses: dict[str, Array], weights) -> Array:

@@ -1,4 +1,4 @@
-"""Evaluation of checkpoints: the pretraining metrics of METHOD.md and zero-shot retrieval.
+"""Evaluation of checkpoints: the pretraining metrics of docs/method.md and zero-shot retrieval.
 
 `evaluate_params` runs the training objective deterministically (no dropout, a fixed rng
 per batch, so every checkpoint sees the same masks and ITM negatives) over the split and

@@ -1,6 +1,6 @@
 """JAX <-> Hugging Face `transformers` LXMERT: parameter map, export, parity check, import.
 
-The deployed model (METHOD.md [0116]: embeddings, encoder, pooler, ITM head) maps one to
+The deployed model (docs/method.md §11: embeddings, encoder, pooler, ITM head) maps one to
 one onto `transformers.LxmertForPreTraining`:
 
     mmelectra (Linen)                         transformers (PyTorch)

@@ -1,7 +1,7 @@
 """`finetune(config, workdir)`: VQA or retrieval fine-tuning of a pretrained encoder.
 
 config -> the pretraining run's model, data and tokenizer (`config.init_from`) -> the
-deployed parameters (METHOD.md [0116]: embeddings, encoder, pooler, ITM head; generator
+deployed parameters (docs/method.md §11: embeddings, encoder, pooler, ITM head; generator
 and RTD/R2D heads dropped) loaded by name, plus a task head -> one jitted step -> loop
 -> test metrics in `WORKDIR/eval/step_<N>.json`.
 

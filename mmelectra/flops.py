@@ -108,6 +108,8 @@ def train_step_flops(config) -> float:
     generator = boxes + projection + encoder_forward_flops(gen, t, k) + heads(g) + pool
     binary_heads = 2 * (t + k) * (h * h + h)  # RTD and R2D
     clm = 2 * mt * (h * h + h * v) if config.loss_weights.clm > 0 else 0.0  # corrective LM
+    if config.loss_weights.cmoc > 0:  # and its region half, scored against the pool for `sample`
+      clm += 2 * mr * (h * h + h * moc_out) + (2 * mr * b * k * h if m.moc_mode == "sample" else 0.0)
     # Contrastive alignment: two projections to the shared space, and every text against
     # every image of the global batch in both directions.
     c = m.contrastive_dim

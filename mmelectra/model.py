@@ -1,7 +1,7 @@
 """Linen modules: the LXMERT-architecture encoder, the ELECTRA generator and the heads.
 
 Layout follows Hugging Face `LxmertModel` so the trained encoder exports to PyTorch with
-identical outputs (METHOD.md decision 1): word + position + token-type embeddings with
+identical outputs (docs/method.md §1): word + position + token-type embeddings with
 LayerNorm; visual embedding `(LN(fc(feat)) + LN(fc(box))) / 2`; L language layers, R
 region layers, X cross-modality layers (one cross-attention module used in both
 directions, then per-modality self-attention, then per-modality FFN); post-LN, erf GELU,
@@ -435,7 +435,7 @@ class TiedMLMHead(nn.Module):
 
 
 class MOCHead(nn.Module):
-  """Masked-object head. Output depends on the mode (METHOD.md decision 5).
+  """Masked-object head. Output depends on the mode (docs/method.md §5).
 
   sample: a query in the embedding width, scored against candidate region embeddings;
   regress: the region feature itself; classify: logits over object classes.
@@ -500,6 +500,9 @@ class ModelConfig:
   # Corrective LM (COCO-LM) on the discriminator: at each masked text slot the fusion
   # encoder also predicts the original word (`clm_head`). See objectives.electra_losses.
   corrective_lm: bool = False
+  # Its region half: at each masked region the fusion encoder predicts the original
+  # region (`cmoc_head`, the MOC head's form), reading the caption to do so.
+  corrective_moc: bool = False
   # Image-text contrastive alignment (ALBEF's "align before fuse") on the fusion encoder's
   # own single-modality outputs: the width of the shared embedding space, 0 for none.
   contrastive_dim: int = 0
@@ -542,6 +545,7 @@ def model_config_from(config) -> ModelConfig:
       visual_feat_dim=m.visual_feat_dim, moc_mode=m.moc_mode,
       num_object_classes=m.num_object_classes,
       corrective_lm=config.objective == "electra" and config.loss_weights.clm > 0,
+      corrective_moc=config.objective == "electra" and config.loss_weights.cmoc > 0,
       contrastive_dim=m.contrastive_dim if config.loss_weights.itc > 0 else 0)
 
 
@@ -611,6 +615,8 @@ class MMElectra(nn.Module):
       self.generator_moc_head = MOCHead(gen, cfg.moc_mode, cfg.moc_out_dim())
       if cfg.corrective_lm:
         self.clm_head = TiedMLMHead(enc, enc.hidden_size, cfg.vocab_size)
+      if cfg.corrective_moc:
+        self.cmoc_head = MOCHead(enc, cfg.moc_mode, cfg.moc_out_dim())
 
   # --- shared pieces -------------------------------------------------------------------
   def _embed(self, text_ids, region_feats, region_boxes, deterministic, region_embeds=None):
@@ -691,16 +697,21 @@ class MMElectra(nn.Module):
     return out
 
   def discriminate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
-                   deterministic: bool, region_embeds=None, text_positions=None):
+                   deterministic: bool, region_embeds=None, text_positions=None,
+                   region_positions=None):
     """RTD logits `[B, T]`, R2D logits `[B, K]`, ITM logits `[B, 2]` on the fused features;
     with `text_positions` (and the corrective-LM head) also the corrective-LM logits
-    `[B, Mt, V]` at those slots: the original word, predicted from the corrupted pair."""
+    `[B, Mt, V]` at those slots: the original word, predicted from the corrupted pair;
+    with `region_positions` (and the corrective-MOC head) the corrective MOC output at
+    those regions; then, with contrastive alignment, its embeddings."""
     lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic, region_embeds)
     lang, vis, lang_uni, vis_uni = self.encoder(lang, text_mask, vis, region_mask, deterministic,
                                                 with_unimodal=True)
     out = (self.rtd_head(lang), self.r2d_head(vis), self.itm_logits(self.pooler(lang)))
     if text_positions is not None:
       out += (self.clm_head(gather(lang, text_positions), self.embeddings),)
+    if region_positions is not None:
+      out += (self.cmoc_head(gather(vis, region_positions)),)
     if self.cfg.contrastive_dim:
       out += (self.contrastive_embeddings(lang_uni, text_mask, vis_uni, region_mask),)
     return out
@@ -726,11 +737,12 @@ class MMElectra(nn.Module):
                                        region_mask, text_positions, region_positions, deterministic)
       out["discriminator"] = self.discriminate(
           text_ids, text_mask, region_feats, region_boxes, region_mask, deterministic,
-          text_positions=text_positions if self.cfg.corrective_lm else None)
+          text_positions=text_positions if self.cfg.corrective_lm else None,
+          region_positions=region_positions if self.cfg.corrective_moc else None)
     return out
 
 
-# Parameters that the deployed model keeps (METHOD.md [0116]): shared embeddings,
+# Parameters that the deployed model keeps (docs/method.md §11): shared embeddings,
 # encoder, pooler and ITM head. Everything else is pretraining-only.
 DEPLOYED_PARAM_PREFIXES = ("embeddings", "visual_embeddings", "encoder", "pooler", "itm_head")
 

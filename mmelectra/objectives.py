@@ -2,7 +2,7 @@
 
 `electra`: generator fills masked words and regions, the predictions are written back,
 the discriminator (fusion encoder) reads the corrupted pair and judges every word (RTD)
-and every region (R2D); ITM rides on the pooled output. Five losses (METHOD.md).
+and every region (R2D); ITM rides on the pooled output. Five losses (docs/method.md).
 `mlm`: the LXMERT/UNITER baseline; the encoder itself does MLM + MOC + ITM.
 
 Both return `(loss, metric_sums)`; see `electra.finalize_metrics`.
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from mmelectra import collectives
 from mmelectra import electra
+from mmelectra.electra import gather
 from mmelectra.model import MMElectra
 
 Array = jax.Array
@@ -38,9 +39,14 @@ class ObjectiveConfig:
   itm_input: str  # "corrupted" (the discriminator's pair) | "masked" (tied generator's pass)
   text_temperature: float
   region_temperature: float
-  # Share of the masked text slots that the discriminator reads as [MASK] instead of the
-  # generator's sample (docs/method.md §9); they leave RTD and count in the corrective LM.
+  # Share of the masked slots (words and regions) that the discriminator reads masked, as
+  # the baseline's encoder does ([MASK], an all-zero region), instead of the generator's
+  # sample (docs/method.md §9); they leave RTD/R2D and count in the corrective LM/MOC.
+  # With `discriminator_mask_decay_steps` > 0 the share holds for
+  # `discriminator_mask_hold_steps`, then falls linearly to 0 over the decay steps.
   discriminator_mask_fraction: float
+  discriminator_mask_decay_steps: int
+  discriminator_mask_hold_steps: int
   loss_weights: tuple[tuple[str, float], ...]
   mask_id: int
   special_ids: tuple[int, ...]  # never masked: [CLS], [SEP], [PAD]
@@ -64,6 +70,8 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
       itm_input=_itm_input(config),
       text_temperature=config.text_temperature,
       discriminator_mask_fraction=config.discriminator_mask_fraction,
+      discriminator_mask_decay_steps=config.discriminator_mask_decay_steps,
+      discriminator_mask_hold_steps=config.discriminator_mask_hold_steps,
       region_temperature=config.region_temperature,
       loss_weights=tuple((k, float(config.loss_weights[k])) for k in electra.LOSS_NAMES),
       mask_id=int(special_token_ids["mask"]),
@@ -175,7 +183,7 @@ def _moc_terms(moc_out, embeds: Array, x: _Inputs, loss_weight: Array, ocfg: Obj
   num_regions = x.feats.shape[1]
   if ocfg.moc_mode == "sample":
     candidates = embeds.reshape(-1, embeds.shape[-1])
-    # The pool is every region of the global batch, on all shards (METHOD.md decision 5).
+    # The pool is every region of the global batch, on all shards (docs/method.md §5).
     scores = collectives.pool_candidate_scores(moc_out, candidates, x.region_mask.reshape(-1))
     target = electra.flat_region_index(x.region_positions, num_regions)
     moc = electra.cross_entropy(scores, target, loss_weight)
@@ -214,8 +222,20 @@ def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveCo
                for pool, original in zip(pools, originals))
 
 
+def discriminator_mask_fraction(ocfg: ObjectiveConfig, step) -> Array | float:
+  """The share of masked slots the discriminator reads masked at `step` (None: the end of
+  the schedule, as evaluation uses)."""
+  start, decay = ocfg.discriminator_mask_fraction, ocfg.discriminator_mask_decay_steps
+  if decay <= 0:
+    return start
+  if step is None:
+    return 0.0
+  after_hold = step.astype(jnp.float32) - ocfg.discriminator_mask_hold_steps
+  return start * jnp.clip(1.0 - after_hold / decay, 0.0, 1.0)
+
+
 def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
-                   deterministic: bool) -> tuple[Array, dict]:
+                   deterministic: bool, step=None) -> tuple[Array, dict]:
   rng_prep, rng_gen, rng_disc, rng_text, rng_region = jax.random.split(rng, 5)
   x = _prepare(batch, rng_prep, ocfg)
   # L1-L4 count matched pairs only (LXMERT); padding examples count nowhere.
@@ -235,17 +255,27 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
 
   # Write the generator's predictions back (gradient stopped through token samples).
   rng_text, rng_keep = jax.random.split(rng_text)
+  rng_region, rng_keep_region = jax.random.split(rng_region)
   sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
-  kept_masked = None
-  if ocfg.discriminator_mask_fraction > 0:
+  kept_masked = kept_regions = None
+  keep = ocfg.discriminator_mask_fraction > 0
+  if keep:
+    fraction = discriminator_mask_fraction(ocfg, step)
     sampled_tokens, kept_masked = electra.keep_masked(
-        rng_keep, sampled_tokens, x.text_weights, ocfg.discriminator_mask_fraction, ocfg.mask_id)
+        rng_keep, sampled_tokens, x.text_weights, fraction, ocfg.mask_id)
   corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
   def project(feats):
     return model.apply({"params": params}, feats, method=MMElectra.candidate_embeddings)
 
   replacement, replacement_embeds = _replacement_regions(rng_region, moc_out, moc_scores, x, ocfg,
                                                          embeds, project)
+  if keep:
+    # Kept regions read as the baseline's masked ones: an all-zero feature.
+    _, kept_regions = electra.keep_masked(rng_keep_region, x.region_positions, x.region_weights,
+                                          fraction, 0)
+    replacement = jnp.where(kept_regions[..., None], 0.0, replacement).astype(replacement.dtype)
+    replacement_embeds = jnp.where(kept_regions[..., None], gather(masked_embeds, x.region_positions),
+                                   replacement_embeds)
   corrupted_feats = electra.scatter(x.feats, x.region_positions, replacement, x.region_weights)
   corrupted_embeds = electra.scatter(embeds, x.region_positions, replacement_embeds, x.region_weights)
 
@@ -253,21 +283,26 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   r2d_labels = electra.replaced_regions(x.feats, corrupted_feats, x.region_mask)
 
   corrective = ocfg.weights["clm"] > 0
+  corrective_regions = ocfg.weights["cmoc"] > 0
   discriminated = model.apply(
       {"params": params}, corrupted_ids, x.text_mask, None, x.boxes, x.region_mask, deterministic,
       region_embeds=corrupted_embeds, text_positions=x.text_positions if corrective else None,
+      region_positions=x.region_positions if corrective_regions else None,
       method=MMElectra.discriminate, rngs={"dropout": rng_disc})
   rtd_logits, r2d_logits, disc_itm_logits = discriminated[:3]
   text_w = x.text_mask * pair_w[:, None]
   if kept_masked is not None:  # a [MASK] is plainly not the original: no RTD target there
     text_w = text_w * ~electra.positions_to_dense(x.text_positions, kept_masked, x.text_ids.shape[1])
   region_w = x.region_mask * pair_w[:, None]
+  if kept_regions is not None:
+    region_w = region_w * ~electra.positions_to_dense(x.region_positions, kept_regions,
+                                                      x.feats.shape[1])
   rtd = electra.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = electra.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
   itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else disc_itm_logits, x)
 
   losses = {"moc": moc, "mlm": mlm, "r2d": r2d, "rtd": rtd, "itm": itm}
-  if len(discriminated) > 3 + corrective:
+  if len(discriminated) > 3 + corrective + corrective_regions:
     # Contrastive alignment of the discriminator's own single-modality outputs. A text
     # takes part where it is its image's (matched pairs), an image wherever it is real;
     # the candidates are the whole global batch (all data-parallel shards).
@@ -279,11 +314,18 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
     # (matched pairs only, like L2). Where the generator replaced an attribute word, only
     # the image tells the original.
     losses["clm"], clm_acc = _mlm_terms(discriminated[3], x, text_loss_w)
+  if corrective_regions:
+    # Its region half: the original region at every masked region, from the corrupted
+    # pair, scored like the generator's MOC (the same candidate pool for `sample`).
+    losses["cmoc"], cmoc_acc, _ = _moc_terms(discriminated[3 + corrective], embeds, x,
+                                             region_loss_w, ocfg)
   loss = electra.weighted_total({k: electra.mean(v) for k, v in losses.items()}, ocfg.weights)
   sums = {f"{k}_loss": v for k, v in losses.items()}
   sums["mlm_acc"] = mlm_acc
   if corrective:
     sums["clm_acc"] = clm_acc
+  if corrective_regions and cmoc_acc is not None:
+    sums["cmoc_acc"] = cmoc_acc
   if "itc" in losses:
     sums["itc_acc"] = itc_acc
   if moc_acc is not None:
@@ -294,7 +336,8 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   sampled_w = x.text_weights if kept_masked is None else x.text_weights * ~kept_masked
   masked_text = electra.positions_to_dense(x.text_positions, sampled_w * pair_w[:, None],
                                            x.text_ids.shape[1])
-  masked_regions = electra.positions_to_dense(x.region_positions, x.region_weights * pair_w[:, None],
+  replaced_w = x.region_weights if kept_regions is None else x.region_weights * ~kept_regions
+  masked_regions = electra.positions_to_dense(x.region_positions, replaced_w * pair_w[:, None],
                                               x.feats.shape[1])
   sums["text_replaced_frac"] = ((rtd_labels * masked_text).sum(), masked_text.sum().astype(jnp.float32))
   sums["region_replaced_frac"] = ((r2d_labels * masked_regions).sum(),
@@ -330,6 +373,8 @@ def mlm_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
 
 
 def compute_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
-                   deterministic: bool) -> tuple[Array, dict]:
-  fn = electra_losses if ocfg.objective == "electra" else mlm_losses
-  return fn(model, params, batch, rng, ocfg, deterministic)
+                   deterministic: bool, step=None) -> tuple[Array, dict]:
+  """`step` (a scalar array) drives the schedules; None: their end values."""
+  if ocfg.objective == "electra":
+    return electra_losses(model, params, batch, rng, ocfg, deterministic, step)
+  return mlm_losses(model, params, batch, rng, ocfg, deterministic)

@@ -113,8 +113,8 @@ def make_train_step(setup: Setup):
   accum = config.grad_accum_steps
   base_rng = jax.random.key(config.seed)
 
-  def loss_fn(params, batch, rng):
-    return objectives.compute_losses(model, params, batch, rng, ocfg, deterministic=False)
+  def loss_fn(params, batch, rng, step):
+    return objectives.compute_losses(model, params, batch, rng, ocfg, deterministic=False, step=step)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -122,18 +122,19 @@ def make_train_step(setup: Setup):
     rng = jax.random.fold_in(base_rng, state["step"])
     params = state["params"]
     if accum == 1:
-      (_, sums), grads = grad_fn(params, batch, rng)
+      (_, sums), grads = grad_fn(params, batch, rng, state["step"])
     else:
       micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
       def body(carry, inputs):
         i, mb = inputs
-        (_, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (_, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i), state["step"])
         acc_g, acc_s = carry
         return (jax.tree.map(jnp.add, acc_g, g), electra.add_metric_sums(acc_s, s)), None
 
       zero_g = jax.tree.map(jnp.zeros_like, params)
-      shapes = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+      shapes = jax.eval_shape(
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, state["step"])[0][1])
       zero_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g: g / accum, grads)

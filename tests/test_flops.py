@@ -10,7 +10,7 @@ from mmelectra import flops, train
 
 def _tiny(objective, moc, clm=0.0, itc=0.0, **model):
   c = ml_collections.ConfigDict(pretrain.get_config(f"size=tiny,objective={objective},moc={moc}").to_dict())
-  c.loss_weights.update(clm=clm, itc=itc)
+  c.loss_weights.update(clm=clm, cmoc=clm, itc=itc)
   # Dropout off: its random bits are integer work XLA would count as FLOPs.
   c.model.update(dropout_rate=0.0, attention_dropout_rate=0.0, visual_feat_dim=768,
                  num_regions=16, num_object_classes=24, **model)

@@ -4,10 +4,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import SPECIAL_IDS, micro_config, random_batch
 from mmelectra import objectives, train
 from mmelectra.model import DEPLOYED_PARAM_PREFIXES, MMElectra, deployed_params, model_config_from
+
+# Micro models: XLA's compile time dominates their run time.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _boxed_params(config):
@@ -98,12 +102,13 @@ def test_per_modality_generator_reads_one_modality_per_head():
       assert image_moves_mlm > 1e-4 and text_moves_moc > 1e-4
 
 
-def test_corrective_lm_trains_the_discriminator_to_predict_the_original_words():
-  config = micro_config(**{"loss_weights.clm": 1.0})
+def test_corrective_lm_trains_the_discriminator_to_predict_the_original_words_and_regions():
+  config = micro_config(**{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
   params = nn.unbox(_boxed_params(config))
-  # Its own head at full width; the word table stays the one shared table.
+  # Its own heads at full width; the word table stays the one shared table.
   assert params["clm_head"]["transform"]["kernel"].shape[0] == config.model.hidden_size
-  assert "clm_head" not in nn.unbox(_boxed_params(micro_config()))
+  assert params["cmoc_head"]["transform"]["kernel"].shape[0] == config.model.hidden_size
+  assert not {"clm_head", "cmoc_head"} & set(nn.unbox(_boxed_params(micro_config())))
   setup = train.build(config, SPECIAL_IDS)
   state = train.init_state(setup, 0)
   batch = jax.tree.map(jnp.asarray, random_batch(config))
@@ -120,6 +125,18 @@ def test_corrective_lm_trains_the_discriminator_to_predict_the_original_words():
   # It trains the fusion encoder (cross layers included) and not the generator.
   assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["generator"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) == 0
+  assert float(jnp.abs(grads["cmoc_head"]["output"]["kernel"]).sum()) == 0
+  # The region half: the vision stream's FFN and its own head, not the generator.
+  only_cmoc = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(
+      ({k: 0.0 for k in ocfg.weights} | {"cmoc": 1.0}).items())})
+  loss, sums = objectives.compute_losses(setup.model, state["params"], batch, jax.random.key(0),
+                                         only_cmoc, True)
+  assert "cmoc_acc" in sums and float(loss) > 0
+  grads = jax.grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
+                                                       only_cmoc, True)[0])(state["params"])
+  assert float(jnp.abs(grads["encoder"]["x_layer_0"]["visn_ffn"]["output"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["cmoc_head"]["output"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["generator"]["r_layer_0"]["ffn"]["output"]["kernel"]).sum()) == 0
 
 
 def test_contrastive_alignment_reads_each_modality_alone_and_trains_below_the_cross_layers():
@@ -155,6 +172,35 @@ def test_contrastive_alignment_reads_each_modality_alone_and_trains_below_the_cr
   assert float(jnp.abs(grads["encoder"]["r_layer_0"]["ffn"]["output"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) == 0
   assert float(jnp.abs(grads["itc_log_scale"])) > 0
+
+
+def test_discriminator_mask_fraction_reads_masked_slots_masked_on_a_schedule():
+  config = micro_config(discriminator_mask_fraction=1.0, discriminator_mask_decay_steps=100,
+                        **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
+  setup = train.build(config, SPECIAL_IDS)
+  ocfg = setup.ocfg
+  fraction = lambda step, o=ocfg: float(objectives.discriminator_mask_fraction(
+      o, None if step is None else jnp.asarray(step)))
+  assert [fraction(0), fraction(50), fraction(100), fraction(500), fraction(None)] == [1.0, 0.5, 0.0, 0.0, 0.0]
+  held = objectives.ObjectiveConfig(**{**ocfg.__dict__, "discriminator_mask_hold_steps": 40})
+  assert [fraction(s, held) for s in (0, 40, 90, 140)] == [1.0, 1.0, 0.5, 0.0]
+  params = train.init_state(setup, 0)["params"]
+  batch = jax.tree.map(jnp.asarray, random_batch(config))
+
+  def sums_at(step):
+    return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True,
+                                     step=jnp.asarray(step))[1]
+
+  start, end = sums_at(0), sums_at(100)
+  # At the start every masked word and region is read masked, as the baseline reads them:
+  # nothing counts as replaced, and RTD/R2D see only untouched positions.
+  assert float(start["text_replaced_frac"][1]) == 0 and float(start["region_replaced_frac"][1]) == 0
+  assert float(start["rtd_loss"][1]) < float(end["rtd_loss"][1])
+  assert float(start["r2d_loss"][1]) < float(end["r2d_loss"][1])
+  # At the end it is ELECTRA: every masked slot holds the generator's sample.
+  assert float(end["text_replaced_frac"][1]) > 0 and float(end["region_replaced_frac"][1]) > 0
+  # The corrective heads are trained at every masked slot either way.
+  assert float(start["clm_loss"][1]) == float(end["clm_loss"][1]) > 0
 
 
 def test_tied_generator_runs_the_discriminators_encoder():

@@ -99,12 +99,15 @@ def test_stacked_params_have_the_layers_axis_first_and_it_is_not_sharded():
       continue
     stacks.add((names[0], stack[0]))
     assert leaf.names[0] == "layers" and "layers" not in leaf.names[1:], names
-    assert leaf.value.shape[0] == config.model[stack[0]], names  # the stack's layer count
+    # The stack's layer count: the discriminator's, or the (per-modality) generator's.
+    enc = setup.model.cfg.generator if names[0] == "generator" else setup.model.cfg.encoder
+    assert leaf.value.shape[0] == getattr(enc, stack[0]), names
     spec = tuple(nn.logical_to_mesh_axes(leaf.names, rules))
     # No mesh axis for the layers; the layer's own axes keep theirs (e.g. "embed" on fsdp).
     assert spec[0] is None and spec[1:] == tuple(nn.logical_to_mesh_axes(leaf.names[1:], rules)), names
-  assert stacks == {(module, stack) for module in ("encoder", "generator")
-                    for stack in ("l_layers", "r_layers", "x_layers")}
+  # The per-modality generator has no cross-modality stack.
+  assert stacks == {("encoder", "l_layers"), ("encoder", "r_layers"), ("encoder", "x_layers"),
+                    ("generator", "l_layers"), ("generator", "r_layers")}
 
 
 def _init_both(**overrides):
@@ -177,7 +180,7 @@ def test_init_from_either_layout_into_either_layout(tmp_path):
   # Partial: a scanned electra checkpoint into a scanned mlm model (no generator, own heads).
   target = jax.tree.map(fill, mlm_s.abstract_state["params"])
   params, report = checkpoint.load_pretrained_params(str(tmp_path / "s"), target)
-  assert any(n.startswith("generator/x_layer_1/") for n in report.dropped)
+  assert any(n.startswith("generator/l_layer_1/") for n in report.dropped)
   assert any(n.startswith("mlm_head/") for n in report.new)
   got = checkpoint.flatten_names(model_lib.unscan_params(jax.device_get(params)))
   for n in report.loaded:

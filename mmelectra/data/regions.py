@@ -1,6 +1,6 @@
 """Images to the model's region interface: features [K, Dv], boxes [K, 4], mask [K], labels [K].
 
-Two detector-free ways to get regions (METHOD.md decision 2):
+Two detector-free ways to get regions (docs/method.md §2):
   - patches: every P x P grid cell is a region, its raw pixels the feature;
   - crops: every annotated object box is a region, its pixels resized to C x C the feature,
     its class the label (for masked object classification).
