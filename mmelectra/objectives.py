@@ -254,11 +254,12 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   moc, moc_acc, moc_scores = _moc_terms(moc_out, embeds, x, region_loss_w, ocfg)
 
   # Write the generator's predictions back (gradient stopped through token samples).
-  rng_text, rng_keep = jax.random.split(rng_text)
-  rng_region, rng_keep_region = jax.random.split(rng_region)
-  sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
   kept_masked = kept_regions = None
   keep = ocfg.discriminator_mask_fraction > 0
+  if keep:  # split only here, so runs without it keep their random streams
+    rng_text, rng_keep = jax.random.split(rng_text)
+    rng_region, rng_keep_region = jax.random.split(rng_region)
+  sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
   if keep:
     fraction = discriminator_mask_fraction(ocfg, step)
     sampled_tokens, kept_masked = electra.keep_masked(
