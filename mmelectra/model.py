@@ -546,7 +546,8 @@ def model_config_from(config) -> ModelConfig:
       num_object_classes=m.num_object_classes,
       corrective_lm=config.objective == "electra" and config.loss_weights.clm > 0,
       corrective_moc=config.objective == "electra" and config.loss_weights.cmoc > 0,
-      contrastive_dim=m.contrastive_dim if config.loss_weights.itc > 0 else 0)
+      contrastive_dim=(m.contrastive_dim if config.objective == "electra"
+                       and config.loss_weights.itc > 0 else 0))
 
 
 def generator_config(enc: EncoderConfig, kind: str, width_ratio: float) -> EncoderConfig:
@@ -647,7 +648,8 @@ class MMElectra(nn.Module):
     first text token; the mean of the real regions), and the inverse temperature.
 
     A pure dual encoder: the text embedding never reads the image nor the image's the
-    text, so a whole pool can be ranked by one matrix product (`retrieval`).
+    text, so a whole pool could be ranked by one matrix product (not yet used by
+    `evaluate`, which scores pairs with the ITM head).
     """
     del text_mask  # the first token ([CLS]) summarises the text, as the pooler's does
     text = self.itc_text_projection(lang_unimodal[:, 0]).astype(jnp.float32)
