@@ -129,13 +129,13 @@ def main(argv):
       out = model.apply({"params": params}, swapped, b["text_mask"], *image(img), True,
                         text_positions=positions if corrective else None,
                         method=MMElectra.discriminate)
-      rtd = np.asarray(out[0])
+      rtd = np.asarray(out["rtd"])
       if corrective:
-        clm_pred = np.asarray(out[3])[:, 0].argmax(-1)
+        clm_pred = np.asarray(out["clm"])[:, 0].argmax(-1)
         res[f"colour_clm_acc_{name}"] = float((clm_pred == target)[has].mean())
         out_masked = model.apply({"params": params}, masked, b["text_mask"], *image(img), True,
                                  text_positions=positions, method=MMElectra.discriminate)
-        clm_pred = np.asarray(out_masked[3])[:, 0].argmax(-1)
+        clm_pred = np.asarray(out_masked["clm"])[:, 0].argmax(-1)
         res[f"colour_clm_masked_acc_{name}"] = float((clm_pred == target)[has].mean())
       # The same AUC as the run's rtd_auc (electra's metric sums).
       hists = electra.binary_metric_sums("rtd", rtd[rows, np.maximum(pos, 0)],

@@ -19,6 +19,8 @@ mistyped key is an error naming it.
 
 import ml_collections
 
+from mmelectra.model import GENERATORS
+
 SIZES = {
     # hidden, heads, mlp, L, R, X
     "tiny": (128, 4, 512, 2, 2, 2),
@@ -65,9 +67,8 @@ def _parse(arg):
   if unknown:
     raise ValueError(f"unknown config argument(s) {sorted(unknown)}; "
                      "expected size, objective, regions, moc, generator, runlocal")
-  generators = ("per_modality", "crossmodal", "tied")
-  if out.get("generator", "per_modality") not in generators:
-    raise ValueError(f"generator={out['generator']!r}; expected one of {generators}")
+  if out.get("generator", "per_modality") not in GENERATORS:
+    raise ValueError(f"generator={out['generator']!r}; expected one of {GENERATORS}")
   if "generator" in out and out.get("objective", "electra") != "electra":
     raise ValueError("generator= is a setting of objective=electra (mlm has no generator)")
   return out

@@ -67,9 +67,9 @@ def upgrade(raw: dict) -> dict:
 
   - `model.generator_tied` (bool) became `model.generator`: `tied`, or `crossmodal`, the
     only other generator there was then.
-  - `loss_weights.clm` (corrective LM) and `loss_weights.itc` (contrastive alignment) did
+  - `loss_weights.clm`, `.cmoc` (corrective LM/MOC) and `.itc` (contrastive alignment) did
     not exist: 0, off (`model.contrastive_dim` then unused); nor did
-    `discriminator_mask_fraction`: 0, every masked word replaced.
+    `discriminator_mask_fraction` (0: every masked slot replaced) and its hold/decay steps.
   """
   model = raw.get("model", {})
   if "generator" not in model:

@@ -197,14 +197,20 @@ def sample_regions_of_class(rng: Array, classes: Array, candidate_labels: Array,
   return idx, match.any(axis=-1)
 
 
-def keep_masked(rng: Array, sampled: Array, weights: Array, fraction: float,
+def kept_slots(rng: Array, weights: Array, fraction) -> Array:
+  """A random `fraction` of the real masked slots (`weights > 0`), bool `[B, M]`: those
+  the discriminator reads masked rather than replaced."""
+  return (jax.random.uniform(rng, weights.shape) < fraction) & (weights > 0)
+
+
+def keep_masked(rng: Array, sampled: Array, weights: Array, fraction,
                 mask_id: int) -> tuple[Array, Array]:
   """The tokens the discriminator reads at the masked slots `[B, M]`: the generator's
-  samples, except a random `fraction` of the real slots that stay `mask_id`.
+  samples, except the `kept_slots`, which stay `mask_id`.
 
   Returns the tokens and the bool `[B, M]` of the slots kept masked.
   """
-  kept = (jax.random.uniform(rng, sampled.shape) < fraction) & (weights > 0)
+  kept = kept_slots(rng, weights, fraction)
   return jnp.where(kept, jnp.asarray(mask_id, sampled.dtype), sampled), kept
 
 

@@ -107,14 +107,14 @@ def train_step_flops(config) -> float:
     projection = 0.0 if m.generator == "tied" else 2 * (t + k) * h * g
     generator = boxes + projection + encoder_forward_flops(gen, t, k) + heads(g) + pool
     binary_heads = 2 * (t + k) * (h * h + h)  # RTD and R2D
-    clm = 2 * mt * (h * h + h * v) if config.loss_weights.clm > 0 else 0.0  # corrective LM
+    corrective = 2 * mt * (h * h + h * v) if config.loss_weights.clm > 0 else 0.0  # corrective LM
     if config.loss_weights.cmoc > 0:  # and its region half, scored against the pool for `sample`
-      clm += 2 * mr * (h * h + h * moc_out) + (2 * mr * b * k * h if m.moc_mode == "sample" else 0.0)
+      corrective += 2 * mr * (h * h + h * moc_out) + (2 * mr * b * k * h if m.moc_mode == "sample" else 0.0)
     # Contrastive alignment: two projections to the shared space, and every text against
     # every image of the global batch in both directions.
     c = m.contrastive_dim
     itc = 2 * 2 * h * c + 2 * 2 * b * c if config.loss_weights.itc > 0 else 0.0
-    discriminator = boxes + encoder_forward_flops(disc, t, k) + binary_heads + clm + itc + itm
+    discriminator = boxes + encoder_forward_flops(disc, t, k) + binary_heads + corrective + itc + itm
     # MOC `regress` writes back regressed features, which are projected anew.
     replaced = 2 * mr * dv * h if m.moc_mode == "regress" else 0.0
     forward = visual + generator + replaced + discriminator

@@ -643,7 +643,7 @@ class MMElectra(nn.Module):
   def itm_logits(self, pooled: Array) -> Array:
     return self.itm_head(pooled).astype(jnp.float32)
 
-  def contrastive_embeddings(self, lang_unimodal, text_mask, vis_unimodal, region_mask):
+  def contrastive_embeddings(self, lang_unimodal, vis_unimodal, region_mask):
     """Unit-norm text and image embeddings `[B, C]` from the single-modality outputs (the
     first text token; the mean of the real regions), and the inverse temperature.
 
@@ -651,7 +651,7 @@ class MMElectra(nn.Module):
     text, so a whole pool could be ranked by one matrix product (not yet used by
     `evaluate`, which scores pairs with the ITM head).
     """
-    del text_mask  # the first token ([CLS]) summarises the text, as the pooler's does
+    # The first token ([CLS]) summarises the text, as the pooler's does.
     text = self.itc_text_projection(lang_unimodal[:, 0]).astype(jnp.float32)
     m = region_mask[..., None].astype(jnp.float32)
     vis = (vis_unimodal.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
@@ -669,7 +669,7 @@ class MMElectra(nn.Module):
     """
     lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic, region_embeds)
     out = self.encoder(lang, text_mask, vis, region_mask, deterministic, with_unimodal=True)
-    return self.contrastive_embeddings(out[2], text_mask, out[3], region_mask)
+    return self.contrastive_embeddings(out[2], out[3], region_mask)
 
   # --- ELECTRA --------------------------------------------------------------------------
   def generate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
@@ -701,21 +701,22 @@ class MMElectra(nn.Module):
   def discriminate(self, text_ids, text_mask, region_feats, region_boxes, region_mask,
                    deterministic: bool, region_embeds=None, text_positions=None,
                    region_positions=None):
-    """RTD logits `[B, T]`, R2D logits `[B, K]`, ITM logits `[B, 2]` on the fused features;
-    with `text_positions` (and the corrective-LM head) also the corrective-LM logits
-    `[B, Mt, V]` at those slots: the original word, predicted from the corrupted pair;
-    with `region_positions` (and the corrective-MOC head) the corrective MOC output at
-    those regions; then, with contrastive alignment, its embeddings."""
+    """A dict of outputs on the fused features: `rtd` logits `[B, T]`, `r2d` logits
+    `[B, K]`, `itm` logits `[B, 2]`; with `text_positions` (and the corrective-LM head)
+    `clm`, logits `[B, Mt, V]` for the original word at those slots; with
+    `region_positions` (and the corrective-MOC head) `cmoc`, the MOC output there; with
+    contrastive alignment `itc`, `contrastive_embeddings` of the single-modality outputs."""
     lang, vis = self._embed(text_ids, region_feats, region_boxes, deterministic, region_embeds)
     lang, vis, lang_uni, vis_uni = self.encoder(lang, text_mask, vis, region_mask, deterministic,
                                                 with_unimodal=True)
-    out = (self.rtd_head(lang), self.r2d_head(vis), self.itm_logits(self.pooler(lang)))
+    out = {"rtd": self.rtd_head(lang), "r2d": self.r2d_head(vis),
+           "itm": self.itm_logits(self.pooler(lang))}
     if text_positions is not None:
-      out += (self.clm_head(gather(lang, text_positions), self.embeddings),)
+      out["clm"] = self.clm_head(gather(lang, text_positions), self.embeddings)
     if region_positions is not None:
-      out += (self.cmoc_head(gather(vis, region_positions)),)
+      out["cmoc"] = self.cmoc_head(gather(vis, region_positions))
     if self.cfg.contrastive_dim:
-      out += (self.contrastive_embeddings(lang_uni, text_mask, vis_uni, region_mask),)
+      out["itc"] = self.contrastive_embeddings(lang_uni, vis_uni, region_mask)
     return out
 
   # --- MLM baseline ---------------------------------------------------------------------

@@ -264,6 +264,7 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
     fraction = discriminator_mask_fraction(ocfg, step)
     sampled_tokens, kept_masked = electra.keep_masked(
         rng_keep, sampled_tokens, x.text_weights, fraction, ocfg.mask_id)
+    kept_regions = electra.kept_slots(rng_keep_region, x.region_weights, fraction)
   corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
   def project(feats):
     return model.apply({"params": params}, feats, method=MMElectra.candidate_embeddings)
@@ -272,8 +273,6 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
                                                          embeds, project)
   if keep:
     # Kept regions read as the baseline's masked ones: an all-zero feature.
-    _, kept_regions = electra.keep_masked(rng_keep_region, x.region_positions, x.region_weights,
-                                          fraction, 0)
     replacement = jnp.where(kept_regions[..., None], 0.0, replacement).astype(replacement.dtype)
     replacement_embeds = jnp.where(kept_regions[..., None], gather(masked_embeds, x.region_positions),
                                    replacement_embeds)
@@ -290,7 +289,7 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
       region_embeds=corrupted_embeds, text_positions=x.text_positions if corrective else None,
       region_positions=x.region_positions if corrective_regions else None,
       method=MMElectra.discriminate, rngs={"dropout": rng_disc})
-  rtd_logits, r2d_logits, disc_itm_logits = discriminated[:3]
+  rtd_logits, r2d_logits = discriminated["rtd"], discriminated["r2d"]
   text_w = x.text_mask * pair_w[:, None]
   if kept_masked is not None:  # a [MASK] is plainly not the original: no RTD target there
     text_w = text_w * ~electra.positions_to_dense(x.text_positions, kept_masked, x.text_ids.shape[1])
@@ -300,25 +299,25 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
                                                       x.feats.shape[1])
   rtd = electra.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = electra.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
-  itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else disc_itm_logits, x)
+  itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else discriminated["itm"], x)
 
   losses = {"moc": moc, "mlm": mlm, "r2d": r2d, "rtd": rtd, "itm": itm}
-  if len(discriminated) > 3 + corrective + corrective_regions:
+  if "itc" in discriminated:
     # Contrastive alignment of the discriminator's own single-modality outputs. A text
     # takes part where it is its image's (matched pairs), an image wherever it is real;
     # the candidates are the whole global batch (all data-parallel shards).
-    text_emb, image_emb, scale = discriminated[-1]
+    text_emb, image_emb, scale = discriminated["itc"]
     losses["itc"], itc_acc = electra.contrastive_terms(
         text_emb, image_emb, scale, pair_w > 0, x.example > 0, collectives.pool_candidate_scores)
   if corrective:
     # Corrective LM: the original word at every masked slot, from the corrupted pair
     # (matched pairs only, like L2). Where the generator replaced an attribute word, only
     # the image tells the original.
-    losses["clm"], clm_acc = _mlm_terms(discriminated[3], x, text_loss_w)
+    losses["clm"], clm_acc = _mlm_terms(discriminated["clm"], x, text_loss_w)
   if corrective_regions:
     # Its region half: the original region at every masked region, from the corrupted
     # pair, scored like the generator's MOC (the same candidate pool for `sample`).
-    losses["cmoc"], cmoc_acc, _ = _moc_terms(discriminated[3 + corrective], embeds, x,
+    losses["cmoc"], cmoc_acc, _ = _moc_terms(discriminated["cmoc"], embeds, x,
                                              region_loss_w, ocfg)
   loss = electra.weighted_total({k: electra.mean(v) for k, v in losses.items()}, ocfg.weights)
   sums = {f"{k}_loss": v for k, v in losses.items()}
