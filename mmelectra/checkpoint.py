@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from mmelectra import errors
 from mmelectra import model as model_lib
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -87,6 +88,72 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
   restored = manager.restore(step, args=ocp.args.Composite(
       **{STATE: ocp.args.StandardRestore(abstract_state)}))
   return restored[STATE]
+
+
+def one_line_reason(error: BaseException) -> str:
+  """One line on why a checkpoint did not read (TensorStore's messages run to pages)."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  text = lines[0] if lines else ""
+  return f"{type(error).__name__}: {text[:300]}"
+
+
+def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state, *, data_iter=None,
+                            strict: bool = False, set_aside: bool = False):
+  """(step, state) of the newest checkpoint that reads; (None, None) if there is none.
+
+  Tries the steps newest first. A step whose files cannot be read (truncated or deleted
+  array files, lost metadata, a broken iterator state) is reported in one warning line
+  naming it and why, and the next older one is tried; with `strict` it is an error
+  instead. A checkpoint that reads but does not fit the config (another model size) is
+  always an error: that is the config's fault, not the checkpoint's. With `set_aside`
+  (the trainer, process 0 renames) an unreadable step moves to `unreadable.<step>` in the
+  checkpoints directory, so the resumed run can save that step again, and where none
+  reads the run starts from step 0; without it (evaluate, export) that is an error.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  skipped = []
+  for step in steps:
+    try:
+      check_state_shapes(manager, step, abstract_state)
+      state = restore(manager, step, abstract_state)
+      if data_iter is not None:
+        restore_data_iterator(manager, step, data_iter)
+    except errors.UserError:
+      raise
+    except Exception as e:  # noqa: BLE001 - any failure to read is a bad checkpoint
+      where = f"checkpoint step {step} in {manager.directory}"
+      if strict:
+        raise errors.InvalidInput(f"{where} cannot be read ({one_line_reason(e)}); without --strict "
+                                  "the newest readable checkpoint is used") from e
+      logging.warning("%s cannot be read (%s); trying the next older one", where, one_line_reason(e))
+      skipped.append(step)
+      continue
+    if skipped and set_aside:
+      _set_aside(manager, skipped)
+    return step, state
+  if steps and not set_aside:
+    raise errors.InvalidInput(f"no checkpoint in {manager.directory} can be read (steps "
+                              f"{steps}); see the warnings above for why")
+  if steps:
+    logging.warning("no checkpoint in %s can be read (steps %s): starting from step 0",
+                    manager.directory, steps)
+    _set_aside(manager, skipped)
+  return None, None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  if jax.process_index() == 0:
+    directory = epath.Path(manager.directory)
+    for step in steps:
+      target = directory / f"unreadable.{step}"
+      if target.exists():
+        target.rmtree()
+      (directory / str(step)).rename(target)
+      logging.warning("moved the unreadable checkpoint to %s", target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("mmelectra_set_aside_checkpoints")
+  manager.reload()
 
 
 def restore_data_iterator(manager: ocp.CheckpointManager, step: int, data_iter) -> bool:
@@ -173,17 +240,17 @@ def check_state_shapes(manager: ocp.CheckpointManager, step: int, abstract_state
   order = sorted(wanted, key=lambda n: (not n.startswith("params/"), list(wanted).index(n)))
   for name in order:
     if name not in saved:
-      raise ValueError(f"checkpoint {path.parent} does not match the config: it has no "
+      raise errors.InvalidInput(f"checkpoint {path.parent} does not match the config: it has no "
                        f"'{name}' (config shape {tuple(wanted[name].shape)}). Use another "
                        "workdir, or --config.init_from to start from its parameters")
     if tuple(saved[name].shape) != tuple(wanted[name].shape):
-      raise ValueError(f"checkpoint {path.parent} does not match the config: '{name}' has "
+      raise errors.InvalidInput(f"checkpoint {path.parent} does not match the config: '{name}' has "
                        f"shape {tuple(saved[name].shape)} in the checkpoint but "
                        f"{tuple(wanted[name].shape)} in the config. Use another workdir, or the "
                        "config that wrote it")
   extra = [n for n in saved if n not in wanted]
   if extra:
-    raise ValueError(f"checkpoint {path.parent} does not match the config: it has '{extra[0]}' "
+    raise errors.InvalidInput(f"checkpoint {path.parent} does not match the config: it has '{extra[0]}' "
                      f"(shape {tuple(saved[extra[0]].shape)}) that the config's model lacks"
                      + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
 
@@ -227,7 +294,7 @@ def resolve_state_dir(path: str) -> epath.Path:
   directory itself."""
   p = run_path(path)
   if not p.exists():
-    raise FileNotFoundError(f"init_from: {p} does not exist")
+    raise errors.NotFound(f"init_from: {p} does not exist")
   if (p / "checkpoints").is_dir():
     p = p / "checkpoints"
   if (p / STATE).is_dir():
@@ -236,7 +303,7 @@ def resolve_state_dir(path: str) -> epath.Path:
     return p
   steps = ocp.path.step.checkpoint_steps(p)  # complete (committed) steps only
   if not steps:
-    raise FileNotFoundError(f"init_from: no complete checkpoint in {p}")
+    raise errors.NotFound(f"init_from: no complete checkpoint in {p}")
   return p / str(max(steps)) / STATE
 
 
@@ -291,7 +358,7 @@ def load_pretrained_params(init_from: str, target_params, *,
   state_dir = resolve_state_dir(init_from)
   saved_tree = _metadata_tree(state_dir)
   if "params" not in saved_tree:
-    raise ValueError(f"init_from: {state_dir} holds no 'params' (keys: {sorted(saved_tree)})")
+    raise errors.InvalidInput(f"init_from: {state_dir} holds no 'params' (keys: {sorted(saved_tree)})")
   saved = flatten_names(model_lib.unscan_params(jax.tree_util.tree_map_with_path(
       lambda path, m: _SavedParam("/".join(_key_name(k) for k in path), tuple(m.shape)),
       saved_tree["params"])))
@@ -317,7 +384,7 @@ def load_pretrained_params(init_from: str, target_params, *,
     saved_shape, shape = tuple(saved[source_of[name]].shape), tuple(np.shape(leaf))
     if saved_shape != shape:
       if not allow_shape_mismatch:
-        raise ValueError(f"init_from {state_dir}: parameter '{name}' has shape {saved_shape} in the "
+        raise errors.InvalidInput(f"init_from {state_dir}: parameter '{name}' has shape {saved_shape} in the "
                          f"checkpoint but {shape} in the model (allow_shape_mismatch=True keeps "
                          "such parameters newly initialised)")
       mismatched.append((name, saved_shape, shape))

@@ -31,6 +31,8 @@ import time
 
 import ml_collections
 
+from mmelectra import errors
+
 CHILD_ENV = "MMELECTRA_COMPILE_CHECK_CHILD"
 # Nothing compiled here runs, so LLVM need not optimise the machine code: the memory plan
 # (HLO fusion and buffer assignment) is the same and the compile ~40% faster.
@@ -44,7 +46,7 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
     return None
   parts = [p.strip() for p in text.split(",")]
   if len(parts) != 3:
-    raise ValueError(f"--mesh wants three sizes data,fsdp,model (one may be -1), got {text!r}")
+    raise errors.InvalidInput(f"--mesh wants three sizes data,fsdp,model (one may be -1), got {text!r}")
   return dict(zip(("data", "fsdp", "model"), (int(p) for p in parts)))
 
 
@@ -113,7 +115,7 @@ def check(config: ml_collections.ConfigDict, mesh: dict[str, int] | None = None,
     try:
       devices = topologies.get_topology_desc(topology, platform="tpu").devices
     except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(f"this machine cannot describe TPU topology {topology!r} "
+      raise errors.InvalidInput(f"this machine cannot describe TPU topology {topology!r} "
                          f"(jax.experimental.topologies needs libtpu): {e}") from e
     backend = f"TPU {topology}"
   elif num_devices is not None and jax.device_count() != num_devices:

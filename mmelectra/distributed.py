@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 from absl import logging
 
+from mmelectra import errors
+
 
 def _cluster_detected() -> bool:
   """Whether JAX's own auto-detection sees a cluster (Cloud TPU pod slice, SLURM, ...).
@@ -41,14 +43,14 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   CPU processes exchange collectives over gloo.
   """
   if mode not in ("auto", "on", "off"):
-    raise ValueError(f"--distributed must be auto, on or off, got {mode!r}")
+    raise errors.InvalidInput(f"--distributed must be auto, on or off, got {mode!r}")
   if mode == "off" or jax.distributed.is_initialized():
     return jax.distributed.is_initialized()
   explicit = coordinator_address is not None or (num_processes or 1) > 1
   if mode == "auto" and not explicit and not _cluster_detected():
     return False
   if explicit and (coordinator_address is None or num_processes is None or process_id is None):
-    raise ValueError("multi-process by flags needs all of --coordinator_address, --num_processes "
+    raise errors.InvalidInput("multi-process by flags needs all of --coordinator_address, --num_processes "
                      "and --process_id")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

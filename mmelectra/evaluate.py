@@ -26,6 +26,7 @@ from tensorboardX import SummaryWriter
 from mmelectra import checkpoint
 from mmelectra import config_lib
 from mmelectra import electra
+from mmelectra import errors
 from mmelectra import model as model_lib
 from mmelectra import objectives
 from mmelectra import retrieval
@@ -53,7 +54,7 @@ def evaluate_params(setup: train.Setup, params, split: str, num_batches: int = -
   config = setup.config
   batch_size = config.eval.batch_size
   if batch_size % (jax.process_count() * sharding.data_parallel_size(setup.mesh)):
-    raise ValueError(f"config.eval.batch_size={batch_size} must be divisible by the data-parallel size")
+    raise errors.InvalidInput(f"config.eval.batch_size={batch_size} must be divisible by the data-parallel size")
   eval_step = eval_step or make_eval_step(setup)
   data = pipeline.make_iterator(
       config.data, split, batch_size=batch_size // jax.process_count(), seed=config.seed,
@@ -68,7 +69,7 @@ def evaluate_params(setup: train.Setup, params, split: str, num_batches: int = -
       sums = eval_step(params, train.to_global(batch, setup.mesh), jax.random.fold_in(base, i))
       total = electra.add_metric_sums(total, sums)
   if total is None:
-    raise ValueError(f"split {split!r} of {config.data.name} yielded no batch")
+    raise errors.InvalidInput(f"split {split!r} of {config.data.name} yielded no batch")
   metrics = electra.finalize_metrics(jax.device_get(total))
   metrics["num_examples"] = float(jax.device_get(total["itm_acc"][1]))
   return metrics
@@ -94,7 +95,7 @@ def read_pool(data_cfg, split: str, size: int) -> tuple[dict, dict, np.ndarray]:
     if len(seen) >= size and int(batch["image_id"][keep][-1]) not in seen:
       break  # past the pool's last image (captions of one image are consecutive)
   if not chunks:
-    raise ValueError(f"split {split!r} of {data_cfg.name} yielded no example")
+    raise errors.InvalidInput(f"split {split!r} of {data_cfg.name} yielded no example")
   examples = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
   in_pool = np.array([int(i) in seen for i in examples["image_id"]])
   texts = {k: v[in_pool] for k, v in examples.items()}
@@ -136,10 +137,12 @@ class CheckpointEvaluator:
     self.eval_step = make_eval_step(setup)
     self.scorer = retrieval.make_block_scorer(setup.model, setup.mesh, setup.rules)
 
-  def __call__(self, manager, step: int, split: str) -> dict:
-    """Restores `step`, computes the metrics, writes `eval/step_<N>.json` and TB events."""
+  def __call__(self, manager, step: int, split: str, params=None) -> dict:
+    """Restores `step` (unless its `params` are given), computes the metrics, writes
+    `eval/step_<N>.json` and TB events."""
     config = self.setup.config
-    params = checkpoint.restore(manager, step, self.setup.abstract_state)["params"]
+    if params is None:
+      params = checkpoint.restore(manager, step, self.setup.abstract_state)["params"]
     metrics = evaluate_params(self.setup, params, split, config.eval.num_batches, self.eval_step)
     pool = _eval_cfg(config, "retrieval_pool", DEFAULT_RETRIEVAL_POOL)
     if pool > 0:
@@ -180,7 +183,7 @@ def _read_manager(workdir: str):
   # Read-only: an evaluator must never make or delete anything in the trainer's run.
   directory = checkpoint.checkpoint_dir(workdir)
   if not epath.Path(directory).is_dir():
-    raise FileNotFoundError(f"no checkpoint directory {directory}")
+    raise errors.NotFound(f"no checkpoint directory {directory}")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   return ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir), options=options)
 
@@ -188,39 +191,51 @@ def _read_manager(workdir: str):
 def _available_steps(manager, workdir: str) -> list[int]:
   steps = sorted(manager.all_steps())
   if not steps:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
+    raise errors.NotFound(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
   return steps
 
 
-def restore_workdir(workdir: str, step: int | None = None) -> tuple[train.Setup, int, dict]:
-  """(setup, step, train state) of a checkpoint of `workdir` (latest by default).
+def restore_workdir(workdir: str, step: int | None = None,
+                    strict: bool = False) -> tuple[train.Setup, int, dict]:
+  """(setup, step, train state) of a checkpoint of `workdir` (by default the newest that
+  reads: an unreadable newest one is skipped with a warning, or an error if `strict`).
 
   Builds the workdir's data set if missing (the config needs it); shared by every command
   that reads a trained run (evaluate, export).
   """
   setup = _setup_for(workdir)
   manager = _read_manager(workdir)
-  step = _checked_step(manager, workdir, step)
-  state = checkpoint.restore(manager, step, setup.abstract_state)
+  step, state = _restore(manager, workdir, step, setup, strict)
   manager.close()
   return setup, step, state
+
+
+def _restore(manager, workdir: str, step: int | None, setup: train.Setup, strict: bool):
+  if step is None:
+    _available_steps(manager, workdir)  # names the workdir when it has none
+    return checkpoint.restore_newest_readable(manager, setup.abstract_state, strict=strict)
+  step = _checked_step(manager, workdir, step)
+  return step, checkpoint.restore(manager, step, setup.abstract_state)
 
 
 def _checked_step(manager, workdir: str, step: int | None) -> int:
   available = _available_steps(manager, workdir)
   step = available[-1] if step is None else step
   if step not in available:
-    raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint.checkpoint_dir(workdir)}; "
+    raise errors.NotFound(f"no checkpoint for step {step} in {checkpoint.checkpoint_dir(workdir)}; "
                             f"available: {available}")
   return step
 
 
-def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = None) -> tuple[int, dict]:
-  """Evaluates a checkpoint of `workdir` (latest by default) and writes `eval/step_<N>.json`."""
+def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = None,
+                     strict: bool = False) -> tuple[int, dict]:
+  """Evaluates a checkpoint of `workdir` (the newest readable by default, see
+  `restore_workdir`) and writes `eval/step_<N>.json`."""
   setup = _setup_for(workdir)
   manager = _read_manager(workdir)
-  step = _checked_step(manager, workdir, step)
-  metrics = CheckpointEvaluator(setup, workdir)(manager, step, split or setup.config.eval.split)
+  step, state = _restore(manager, workdir, step, setup, strict)
+  metrics = CheckpointEvaluator(setup, workdir)(manager, step, split or setup.config.eval.split,
+                                                params=state["params"])
   manager.close()
   return step, metrics
 

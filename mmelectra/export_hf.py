@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mmelectra import errors
 from mmelectra import model as model_lib
 
 # --verify fails above this max abs difference (fp32 on both sides).
@@ -216,7 +217,7 @@ def params_from_hf(state_dict, entries: list[ParamEntry]) -> dict:
   for e in entries:
     missing = [k for k in e.hf_keys if k not in state_dict]
     if missing:
-      raise KeyError(f"Hugging Face weights lack {missing} (for mmelectra {'/'.join(e.path)})")
+      raise errors.InvalidInput(f"Hugging Face weights lack {missing} (for mmelectra {'/'.join(e.path)})")
     _set(params, e.path, np.asarray(e.from_hf(*(np.asarray(state_dict[k], np.float32) for k in e.hf_keys))))
   return params
 
@@ -266,7 +267,7 @@ def hf_config_from(cfg: model_lib.ModelConfig, pad_token_id: int = 0):
 
   enc = cfg.encoder
   if enc.layer_norm_eps != HF_LAYER_NORM_EPS:
-    raise ValueError(f"model.layer_norm_eps={enc.layer_norm_eps}, but transformers' LXMERT fixes "
+    raise errors.InvalidInput(f"model.layer_norm_eps={enc.layer_norm_eps}, but transformers' LXMERT fixes "
                      f"LayerNorm eps at {HF_LAYER_NORM_EPS}; the export could not match")
   return transformers.LxmertConfig(
       vocab_size=cfg.vocab_size, hidden_size=enc.hidden_size, num_attention_heads=enc.num_heads,
@@ -284,9 +285,9 @@ def hf_config_from(cfg: model_lib.ModelConfig, pad_token_id: int = 0):
 def model_fields_from_hf(hf_config) -> dict:
   """`config.model` fields that fix mmelectra's parameter shapes, from an `LxmertConfig`."""
   if hf_config.visual_pos_dim != VISUAL_POS_DIM:
-    raise ValueError(f"visual_pos_dim={hf_config.visual_pos_dim}; mmelectra boxes have {VISUAL_POS_DIM}")
+    raise errors.InvalidInput(f"visual_pos_dim={hf_config.visual_pos_dim}; mmelectra boxes have {VISUAL_POS_DIM}")
   if hf_config.hidden_act not in ("gelu", "gelu_python"):
-    raise ValueError(f"hidden_act={hf_config.hidden_act!r}; mmelectra uses the exact (erf) GELU")
+    raise errors.InvalidInput(f"hidden_act={hf_config.hidden_act!r}; mmelectra uses the exact (erf) GELU")
   return dict(
       hidden_size=hf_config.hidden_size, num_heads=hf_config.num_attention_heads,
       mlp_dim=hf_config.intermediate_size, l_layers=hf_config.l_layers,
@@ -327,7 +328,7 @@ def save_hf_tokenizer(tokenizer, out_dir: str, max_length: int) -> None:
   state = json.loads(tokenizer.to_str())
   normalizer = state.get("normalizer") or {}
   if normalizer.get("type") != "BertNormalizer":
-    raise ValueError(f"expected a BERT WordPiece tokenizer, got normalizer {normalizer.get('type')!r}")
+    raise errors.InvalidInput(f"expected a BERT WordPiece tokenizer, got normalizer {normalizer.get('type')!r}")
   tokens = tokenizer_lib.vocab_in_id_order(tokenizer)
   hf_tok = transformers.LxmertTokenizerFast(
       vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=normalizer["lowercase"],
@@ -488,7 +489,7 @@ def load_hf_models(hf_dir: str):
       m, info = cls.from_pretrained(hf_dir, output_loading_info=True)
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith("cls.")]
     if info["missing_keys"] or unexpected or info["mismatched_keys"]:
-      raise ValueError(f"{cls.__name__} from {hf_dir}: missing {sorted(info['missing_keys'])}, "
+      raise errors.InvalidInput(f"{cls.__name__} from {hf_dir}: missing {sorted(info['missing_keys'])}, "
                        f"unexpected {sorted(unexpected)}, mismatched {info['mismatched_keys']}")
     models.append(m.eval())
   return tuple(models)
@@ -554,6 +555,19 @@ def validation_batch(config, num_examples: int) -> dict:
   return next(iter(it))
 
 
+def check_out_dir(out_dir: str, workdir: str) -> None:
+  """Refuses an export target that is a mmelectra run directory (the run's own workdir,
+  or any pretraining or fine-tuning run): the export's config.json would replace the
+  run's. A previous export there is fine (it is overwritten)."""
+  from mmelectra import config_lib
+
+  same = os.path.realpath(out_dir) == os.path.realpath(workdir)
+  if same or config_lib.workdir_kind(out_dir) in ("pretrain", "finetune") or \
+      os.path.isdir(os.path.join(out_dir, "checkpoints")):
+    raise errors.InvalidInput(f"--out={out_dir} is a mmelectra run directory; the export would "
+                              f"overwrite its config.json: choose another --out, e.g. {workdir}/hf")
+
+
 def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, check: bool = False,
                    export_heads: bool = False, num_examples: int = 16) -> tuple[int, dict | None]:
   """`mmelectra export`: a run's checkpoint -> `out_dir`; with `check`, the parity check.
@@ -564,6 +578,7 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, check
   from mmelectra.data import pipeline
   from mmelectra.data import tokenizer as tokenizer_lib
 
+  check_out_dir(out_dir, workdir)
   setup, step, state = evaluate.restore_workdir(workdir, step)
   config = setup.config
   tokenizer = pipeline.load_tokenizer(config.data)
@@ -626,10 +641,10 @@ def _special_ids_of(hf_dir: str) -> dict:
     return {k: i for i, k in enumerate(("pad", "unk", "cls", "sep", "mask"))}
 
 
-def import_hf(hf_dir: str, workdir: str, base_config=None, seed: int = 0) -> dict:
+def import_hf(hf_dir: str, workdir: str, base_config, seed: int = 0) -> dict:
   """`mmelectra import-hf`: a Hugging Face LXMERT directory -> an mmelectra workdir.
 
-  Writes `config.json` (`base_config`, default `configs/pretrain.py`, with the model sizes
+  Writes `config.json` (`base_config`, e.g. `configs/pretrain.py`'s, with the model sizes
   of the HF weights) and a step-0 checkpoint of a full train state: embeddings, encoder and
   pooler from HF; the ITM head from `cls.seq_relationship` and (objective "mlm") the MLM
   head from `cls.predictions` where the HF weights have them; everything else (generator,
@@ -638,16 +653,19 @@ def import_hf(hf_dir: str, workdir: str, base_config=None, seed: int = 0) -> dic
   """
   import transformers
 
-  from configs import pretrain
   from mmelectra import checkpoint
   from mmelectra import config_lib
   from mmelectra import train
+
+  if config_lib.workdir_kind(workdir) is not None or os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise errors.InvalidInput(f"--workdir={workdir} already holds a run; import-hf starts a new "
+                              "one: choose an empty or new --workdir")
 
   with _quiet_transformers():
     hf_model, info = transformers.LxmertForPreTraining.from_pretrained(hf_dir, output_loading_info=True)
   absent = set(info["missing_keys"]) | set(info["mismatched_keys"])
   sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items() if k not in absent}
-  config = import_config(hf_model.config, base_config or pretrain.get_config())
+  config = import_config(hf_model.config, base_config)
   setup = train.build(config, _special_ids_of(hf_dir))
   cfg = setup.model.cfg
   entries = [dataclasses.replace(e, hf_keys=tuple(BACKBONE + k for k in e.hf_keys))
@@ -662,7 +680,7 @@ def import_hf(hf_dir: str, workdir: str, base_config=None, seed: int = 0) -> dic
     old = _get(params, e.path)
     new = _get(loaded, e.path)
     if old.shape != new.shape:
-      raise ValueError(f"{'/'.join(e.path)}: HF gives shape {new.shape}, mmelectra expects {old.shape}")
+      raise errors.InvalidInput(f"{'/'.join(e.path)}: HF gives shape {new.shape}, mmelectra expects {old.shape}")
     _set(params, e.path, jax.device_put(new.astype(old.dtype), old.sharding))
   state["params"] = (jax.device_put(model_lib.scan_params(params), setup.state_shardings["params"])
                      if cfg.encoder.scan_layers else params)

@@ -37,11 +37,13 @@ from absl import logging
 from mmelectra import checkpoint
 from mmelectra import config_lib
 from mmelectra import electra
+from mmelectra import errors
 from mmelectra import evaluate
 from mmelectra import model as model_lib
 from mmelectra import optim
 from mmelectra import sharding
 from mmelectra import train
+from mmelectra.data import bad_records
 from mmelectra.data import pipeline
 from mmelectra.data import synthetic_vqa
 from mmelectra.data import vqa as vqa_data
@@ -185,7 +187,7 @@ def vqa_losses(task: Task, params, batch, rng, deterministic: bool = False):
     w = w * (batch["answer_target"] >= 0)
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(batch["answer_target"], 0))
   else:
-    raise ValueError(f"config.vqa.loss must be 'bce' or 'ce', got {task.config.vqa.loss!r}")
+    raise errors.InvalidInput(f"config.vqa.loss must be 'bce' or 'ce', got {task.config.vqa.loss!r}")
   loss = (per_example * w).sum() / jnp.maximum(w.sum(), 1.0)
   pred = jnp.argmax(logits, -1)
   score = jnp.take_along_axis(batch["answer_scores"], pred[:, None], 1)[:, 0]
@@ -242,12 +244,13 @@ def retrieval_losses(task: Task, params, batch, rng, deterministic: bool = False
 
 
 # --- build --------------------------------------------------------------------------------
-def build_task(config) -> tuple[Task, dict]:
-  """The task and the fine-tuning data (VQA examples per split) from a config."""
+def build_task(config, tally=None) -> tuple[Task, dict]:
+  """The task and the fine-tuning data (VQA examples per split) from a config; bad VQA
+  JSONL lines go through `tally` (a `bad_records.Tally`; default: the config's policy)."""
   if config.task not in TASKS:
-    raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+    raise errors.InvalidInput(f"config.task must be one of {TASKS}, got {config.task!r}")
   if not config.init_from:
-    raise ValueError("config.init_from must name a pretraining workdir (its model, data and "
+    raise errors.InvalidInput("config.init_from must name a pretraining workdir (its model, data and "
                      "tokenizer); with config.init_mode='random' only its architecture is used")
   # init_from may name one checkpoint (`WORKDIR/checkpoints/<step>`): the run's config is
   # its workdir's; `init_params` loads that step's parameters.
@@ -265,7 +268,7 @@ def build_task(config) -> tuple[Task, dict]:
   answers, head = [], None
   if config.task == "vqa":
     for split in (config.vqa.train_split, config.vqa.test_split):
-      data[split] = vqa_data.load_examples(config.vqa, pre_config.data, split)
+      data[split] = vqa_data.load_examples(config.vqa, pre_config.data, split, tally)
     answers = vqa_data.answer_vocabulary(data[config.vqa.train_split][0], config.vqa.num_answers)
     head = VQAHead(enc.hidden_size, len(answers), enc.layer_norm_eps, enc.dtype)
   task = Task(config, pre_config, model, head, answers, sharding.make_mesh(config),
@@ -298,7 +301,7 @@ def init_params(task: Task, seed: int):
   if task.config.init_mode == "pretrained":
     params, report = checkpoint.load_pretrained_params(task.config.init_from, params)
   elif task.config.init_mode != "random":
-    raise ValueError(f"config.init_mode must be 'pretrained' or 'random', got {task.config.init_mode!r}")
+    raise errors.InvalidInput(f"config.init_mode must be 'pretrained' or 'random', got {task.config.init_mode!r}")
   return params, shardings, report
 
 
@@ -334,11 +337,20 @@ def evaluate_retrieval(task: Task, params, split: str) -> dict:
 
 # --- the loop -----------------------------------------------------------------------------
 def finetune(config, workdir: str) -> dict:
-  """Fine-tunes for `config.total_steps` steps; returns the test metrics."""
+  """Fine-tunes for `config.total_steps` steps; returns the test metrics.
+
+  The config and the data (every line of VQA JSONL files, train and test) are checked
+  before anything is written into `workdir`.
+  """
+  config_lib.validate(config, config_lib.FINETUNE_RULES)
+  config_lib.check_workdir_kind(workdir, "finetune")
+  tally = bad_records.Tally(config.vqa.on_bad_record) if config.task == "vqa" else None
+  task, data = build_task(config, tally)
   os.makedirs(workdir, exist_ok=True)
-  task, data = build_task(config)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)
+    if tally is not None:
+      bad_records.write_report(tally, workdir)
   params, shardings, report = init_params(task, config.seed)
   if report is not None and jax.process_index() == 0:
     with open(os.path.join(workdir, "init_report.json"), "w") as f:

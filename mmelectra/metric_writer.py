@@ -31,6 +31,7 @@ class MetricWriter:
     if not self.active:
       return
     self._path = epath.Path(workdir) / jsonl_name
+    _drop_rows_after(self._path, initial_step)
     if append is None:
       append = "://" not in os.fspath(workdir)
     if append:
@@ -76,3 +77,24 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_rows_after(path: epath.Path, step: int) -> None:
+  """A resumed run redoes the steps after its checkpoint: their rows from the run that
+  was cut short go, so the file keeps one row per logged step (the redone ones replace
+  them). A line that does not parse (cut by a kill mid-write) goes too."""
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      row_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      continue
+    if row_step <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)

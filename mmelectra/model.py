@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmelectra import errors
 from mmelectra.electra import gather
 
 Array = jax.Array
@@ -530,15 +531,15 @@ def model_config_from(config) -> ModelConfig:
   gen = None
   kind = m.generator
   if kind not in GENERATORS:
-    raise ValueError(f"config.model.generator must be one of {GENERATORS}, got {kind!r}")
+    raise errors.InvalidInput(f"config.model.generator must be one of {GENERATORS}, got {kind!r}")
   if config.objective == "electra":
     gen = generator_config(enc, kind, m.generator_width_ratio)
   elif config.objective != "mlm":
-    raise ValueError(f"config.objective must be 'electra' or 'mlm', got {config.objective!r}")
+    raise errors.InvalidInput(f"config.objective must be 'electra' or 'mlm', got {config.objective!r}")
   if m.hidden_size % m.num_heads:
-    raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    raise errors.InvalidInput(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
   if m.moc_mode not in ("sample", "regress", "classify"):
-    raise ValueError(f"model.moc_mode must be sample|regress|classify, got {m.moc_mode!r}")
+    raise errors.InvalidInput(f"model.moc_mode must be sample|regress|classify, got {m.moc_mode!r}")
   return ModelConfig(
       encoder=enc, generator=gen, generator_kind=kind, vocab_size=m.vocab_size,
       max_position=m.max_position, type_vocab_size=m.type_vocab_size,
@@ -563,7 +564,7 @@ def generator_config(enc: EncoderConfig, kind: str, width_ratio: float) -> Encod
   width = max(int(round(enc.hidden_size * width_ratio)), 1)
   heads = max(int(round(enc.num_heads * width_ratio)), 1)
   if width % heads:
-    raise ValueError(f"generator width {width} is not divisible by its {heads} heads; "
+    raise errors.InvalidInput(f"generator width {width} is not divisible by its {heads} heads; "
                      f"change model.generator_width_ratio={width_ratio}")
   gen = dataclasses.replace(enc, hidden_size=width, num_heads=heads,
                             mlp_dim=max(int(round(enc.mlp_dim * width_ratio)), 1))

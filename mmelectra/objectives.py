@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from mmelectra import collectives
 from mmelectra import electra
+from mmelectra import errors
 from mmelectra.electra import gather
 from mmelectra.model import MMElectra
 
@@ -84,14 +85,14 @@ def _choice(config, key: str, choices: tuple[str, ...]) -> str:
   field existed lacks it."""
   value = config.get(key, choices[0])
   if value not in choices:
-    raise ValueError(f"config.{key} must be one of {choices}, got {value!r}")
+    raise errors.InvalidInput(f"config.{key} must be one of {choices}, got {value!r}")
   return value
 
 
 def _itm_input(config) -> str:
   itm_input = _choice(config, "itm_input", ("corrupted", "masked"))
   if itm_input == "masked" and config.objective == "electra" and config.model.generator != "tied":
-    raise ValueError("config.itm_input='masked' needs config.model.generator='tied': only then "
+    raise errors.InvalidInput("config.itm_input='masked' needs config.model.generator='tied': only then "
                      "is the generator's encoder the deployed fusion encoder")
   return itm_input
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from mmelectra import errors
+
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   peak = opt_cfg.learning_rate
@@ -19,7 +21,7 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   elif opt_cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt_cfg.end_learning_rate_fraction)
   else:
-    raise ValueError(f"optimizer.schedule must be 'linear' or 'cosine', got {opt_cfg.schedule!r}")
+    raise errors.InvalidInput(f"optimizer.schedule must be 'linear' or 'cosine', got {opt_cfg.schedule!r}")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])

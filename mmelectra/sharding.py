@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmelectra import errors
+
 MESH_AXES = ("data", "fsdp", "model")
 
 
@@ -20,15 +22,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """Axis sizes with one `-1` filled from the device count; errors name the problem."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise errors.InvalidInput(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
+      raise errors.InvalidInput(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
                        f"divisible by the fixed axes' product {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+    raise errors.InvalidInput(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"{num_devices} are available")
   return tuple(sizes)
 

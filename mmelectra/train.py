@@ -21,14 +21,15 @@ from absl import logging
 from mmelectra import checkpoint
 from mmelectra import config_lib
 from mmelectra import electra
+from mmelectra import errors
 from mmelectra import flops
 from mmelectra import objectives
 from mmelectra import optim
 from mmelectra import preemption
 from mmelectra import sharding
-from mmelectra.data import pipeline
 from mmelectra.data import bad_records
 from mmelectra.data import datasets
+from mmelectra.data import pipeline
 from mmelectra.data import tokenizer as tokenizer_lib
 from mmelectra.metric_writer import MetricWriter
 from mmelectra.model import MMElectra, model_config_from
@@ -72,7 +73,7 @@ def build(config, special_token_ids: dict) -> Setup:
   rules = sharding.axis_rules(config)
   dp = sharding.data_parallel_size(mesh)
   if config.batch_size % (dp * config.grad_accum_steps):
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the data-parallel "
+    raise errors.InvalidInput(f"config.batch_size={config.batch_size} must be divisible by the data-parallel "
                      f"size {dp} x grad_accum_steps {config.grad_accum_steps}")
   tx, schedule = optim.make_optimizer(config)
   init_fn = functools.partial(_init_state, model=model, tx=tx, config=config)
@@ -184,20 +185,21 @@ def prepare_data_and_config(config):
   config = config_lib.finalize(config)
   tok = pipeline.load_tokenizer(config.data)
   if tok.get_vocab_size() > config.model.vocab_size:
-    raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but config.model.vocab_size="
+    raise errors.InvalidInput(f"the tokenizer has {tok.get_vocab_size()} tokens but config.model.vocab_size="
                      f"{config.model.vocab_size}; raise model.vocab_size")
   return config, tokenizer_lib.special_token_ids(tok)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config.total_steps` steps in `workdir`; resumes from its latest checkpoint.
+def train_and_evaluate(config, workdir: str, strict: bool = False) -> dict:
+  """Trains `config.total_steps` steps in `workdir`; resumes from its newest readable
+  checkpoint (`strict`: the newest, or fail).
 
+  Nothing is written into the workdir until the config is validated, the mesh built and
+  a checkpoint to resume from found to fit: a refused start leaves the run as it was.
   Returns the last logged metrics.
   """
-  checkpoint.run_path(workdir).mkdir(parents=True, exist_ok=True)  # a local dir or gs://...
+  config_lib.check_workdir_kind(workdir, "pretrain")
   config, special_ids = prepare_data_and_config(config)
-  if jax.process_index() == 0:
-    config_lib.save(config, workdir)
   setup = build(config, special_ids)
   mesh = setup.mesh
 
@@ -209,27 +211,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
       config.data, "train", batch_size=local_batch, seed=config.seed, shuffle=True,
       process_index=jax.process_index(), process_count=jax.process_count())
 
-  # Resume from the workdir's latest complete checkpoint: state straight into this mesh's
+  # Resume from the workdir's newest readable checkpoint: state straight into this mesh's
   # shardings (the shapes are checked against the config first, before any compile), and
   # the input iterator where it stood, so the run reads what an uninterrupted one would.
   # The step's rng is fold_in(seed, step): nothing else to restore.
+  checkpoint.run_path(workdir).mkdir(parents=True, exist_ok=True)  # a local dir or gs://...
   manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep,
                                     config.keep_checkpoint_every or None)
-  latest = manager.latest_step()
+  if manager.latest_step() is not None:
+    try:
+      checkpoint.warn_config_changes(checkpoint.restore_config(manager, manager.latest_step()), config)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by the restore below
+      pass
+  latest, state = checkpoint.restore_newest_readable(manager, setup.abstract_state,
+                                                     data_iter=data_iter, strict=strict,
+                                                     set_aside=True)
   if latest is not None:
     logging.info("resuming from %s step %d", checkpoint.checkpoint_dir(workdir), latest)
     if config.init_from:
       logging.warning("resuming from step %d of this workdir; init_from=%s is not used",
                       latest, config.init_from)
-    checkpoint.warn_config_changes(checkpoint.restore_config(manager, latest), config)
-    state = checkpoint.restore(manager, latest, setup.abstract_state)
-    checkpoint.restore_data_iterator(manager, latest, data_iter)
   else:
     state = init_state(setup, config.seed)
     if config.init_from:
       params, report = checkpoint.load_pretrained_params(config.init_from, state["params"])
       state["params"] = params
       checkpoint.log_init_report(report, workdir)
+  if jax.process_index() == 0:
+    config_lib.save(config, workdir)
   start_step = int(jax.device_get(state["step"]))
   # Under on_bad_record="skip": counts of dropped records, logged and in the metrics.
   skips = bad_records.SkipCounter(pipeline.build_report(config.data)["counts"])
@@ -243,8 +252,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def save(step):
     checkpoint.save(manager, step, state, data_iter=data_iter, config=config)
 
+  def check_saves(wait: bool = False):
+    # An asynchronous save that failed (a full disk, a lost bucket) is reported here, at
+    # the step after it, in one line; the checkpoints committed before it are intact.
+    try:
+      manager.wait_until_finished() if wait else manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001 - whatever the writer raised
+      writer.close()
+      try:
+        manager.close()  # joins the writer threads, so none outlives the error
+      except Exception:  # noqa: BLE001 - the failed save again
+        pass
+      raise errors.StorageError(f"saving a checkpoint in {checkpoint.checkpoint_dir(workdir)} "
+                                f"failed ({checkpoint.one_line_reason(e)}); the newest complete "
+                                f"checkpoint is step {manager.latest_step()}. Free space or fix "
+                                "the path, then rerun to resume") from e
+
   def finish():
-    manager.wait_until_finished()
+    check_saves(wait=True)
     manager.close()
     writer.close()
 
@@ -252,6 +277,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       preemption.PreemptionWatcher() as preempt:
     while step < config.total_steps:
       batch = to_global(skips.take(next(data_iter)), mesh)
+      check_saves()
       state, sums = train_step(state, batch)
       step += 1
       window.append(sums)
@@ -264,7 +290,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         nonfinite_total)
         if nonfinite_in_a_row >= config.max_nonfinite_steps > 0:
           finish()
-          raise FloatingPointError(
+          raise errors.TrainingDiverged(
               f"stopping: {nonfinite_in_a_row} training steps in a row (up to step {step - 1}) had "
               f"a non-finite loss or gradients (config.max_nonfinite_steps="
               f"{config.max_nonfinite_steps}). The parameters are those of the last finite step; "

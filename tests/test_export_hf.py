@@ -224,3 +224,19 @@ def test_import_reproduces_hf_and_round_trip_is_exact(restored, tmp_path):
   assert set(exported) == kept
   for k in kept:
     np.testing.assert_array_equal(exported[k], original[k], err_msg=k)
+
+
+def test_import_hf_command_works_from_outside_the_repository(exported, tmp_path):
+  """`mmelectra import-hf` as installed: no `configs` on the path, its default config
+  from the package (configs/ installs as mmelectra_configs)."""
+  import subprocess
+  import sys
+  out_dir, _, _ = exported
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("PYTHONPATH", None)
+  result = subprocess.run([sys.executable, "-m", "mmelectra.main", "import-hf",
+                           f"--hf_dir={out_dir}", "--workdir=imported"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "imported" in result.stdout and (tmp_path / "imported" / "checkpoints" / "0").is_dir()
+  assert json.loads((tmp_path / "imported" / "config.json").read_text())["objective"] == "electra"

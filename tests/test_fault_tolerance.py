@@ -26,6 +26,7 @@ NAN_STEPS = (4, 6, 7)
 # A child run: train_and_evaluate on a JSON config, with an optional self-inflicted signal.
 #   kill_after_save=N: SIGKILL right after the async save of step N has started
 #   term_at_step=N:    SIGTERM at the boundary after step N (a scheduler's notice)
+#   kill_at_step=N:    SIGKILL at the boundary after step N (before its save, if any)
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
     import jax
@@ -50,12 +51,32 @@ CHILD = textwrap.dedent("""
           os.kill(os.getpid(), signal.SIGKILL)
         return out
       checkpoint.save = save
-    if "term_at_step" in spec:
+    if "disk_full_after_save" in spec:
+      # The background write of that save fails as on a full disk; orbax reports such
+      # errors through check_for_errors / wait_until_finished.
+      real_make = checkpoint.make_manager
+      def make_manager(*args, **kwargs):
+        manager = real_make(*args, **kwargs)
+        real_save, failed = manager.save, []
+        def save(step, *a, **k):
+          out = real_save(step, *a, **k)
+          failed.append(step == spec["disk_full_after_save"] or bool(failed and failed[-1]))
+          return out
+        def check_for_errors():
+          if failed and failed[-1]:
+            raise OSError(28, "No space left on device")
+        manager.save, manager.check_for_errors = save, check_for_errors
+        manager.wait_until_finished = lambda real=manager.wait_until_finished: (real(), check_for_errors())
+        return manager
+      checkpoint.make_manager = make_manager
+    if "term_at_step" in spec or "kill_at_step" in spec:
       real_advance = metric_writer.MetricWriter.advance
       def advance(self, step, last):
         real_advance(self, step, last)
-        if step == spec["term_at_step"]:
+        if step == spec.get("term_at_step"):
           os.kill(os.getpid(), signal.SIGTERM)
+        if step == spec.get("kill_at_step"):
+          os.kill(os.getpid(), signal.SIGKILL)
       metric_writer.MetricWriter.advance = advance
     train.train_and_evaluate(config, spec["workdir"])
     print("CHILD_DONE")
@@ -123,11 +144,18 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def test_kills_and_preemption_resume_exactly(data_dir, tmp_path):
-  config = _run_config(data_dir)
-  ref = str(tmp_path / "uninterrupted")
-  out = _child(config, ref)
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  """The workdir of the run the interrupted ones must end equal to."""
+  ref = str(tmp_path_factory.mktemp("ref") / "uninterrupted")
+  out = _child(_run_config(data_dir), ref)
   assert out.returncode == 0, out.stderr[-3000:]
+  return ref
+
+
+def test_kills_and_preemption_resume_exactly(data_dir, uninterrupted, tmp_path):
+  config = _run_config(data_dir)
+  ref = uninterrupted
   assert _steps(ref) == [3, 6, 9, 10]
 
   run = str(tmp_path / "interrupted")
@@ -168,13 +196,80 @@ def test_kills_and_preemption_resume_exactly(data_dir, tmp_path):
     assert ("loss" in ref_rows[step]) != bad, step
 
 
+def test_a_failed_save_stops_the_run_in_one_line_at_the_next_step(data_dir, tmp_path):
+  run = str(tmp_path / "full")
+  out = _child(_run_config(data_dir), run, disk_full_after_save=6)
+  assert out.returncode != 0
+  lines = [l for l in out.stderr.splitlines() if l.startswith("mmelectra.errors.StorageError: ")]
+  assert lines, out.stderr[-3000:]
+  last = lines[-1]
+  assert "saving a checkpoint in" in last
+  assert "No space left on device" in last and "the newest complete checkpoint is step" in last
+  # It stopped before the step after the failed save, not steps later.
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    assert json.loads(f.readlines()[-1])["step"] == 6
+
+
+def _corrupt_newest(workdir, rng) -> str | None:
+  """Damages the newest complete checkpoint one of three ways; returns which (None: none)."""
+  steps = _steps(workdir)
+  if not steps:
+    return None
+  step_dir = os.path.join(workdir, "checkpoints", str(steps[-1]))
+  kind = rng.choice(["truncate_array_file", "delete_metadata", "empty_iterator_state"])
+  if kind == "truncate_array_file":
+    data = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+    biggest = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
+    os.truncate(biggest, os.path.getsize(biggest) // 2)
+  elif kind == "delete_metadata":
+    for name in ("_METADATA", "manifest.ocdbt"):
+      for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        if name in files:
+          os.remove(os.path.join(root, name))
+  else:
+    open(os.path.join(step_dir, "data", "process_0-of-1.json"), "w").close()
+  return f"{kind}@{steps[-1]}"
+
+
+def test_random_kills_and_corrupted_checkpoints_end_as_an_uninterrupted_run(data_dir, uninterrupted,
+                                                                           tmp_path):
+  """Ten times: SIGKILL at a random step or during a save, then damage the newest
+  checkpoint at random. Each restart resumes from the newest readable checkpoint; the
+  run ends with the uninterrupted run's parameters and one metrics row per step."""
+  config = _run_config(data_dir)
+  ref = uninterrupted
+  run = str(tmp_path / "faulty")
+  rng = np.random.default_rng(0)
+  history = []
+  for _ in range(10):
+    if rng.random() < 0.5:
+      action = {"kill_at_step": int(rng.integers(1, TOTAL + 1))}
+    else:
+      action = {"kill_after_save": int(rng.choice([s for s in range(EVERY, TOTAL, EVERY)]))}
+    out = _child(config, run, **action)
+    # A kill scheduled at a step the run does not reach (it resumed past it) lets it finish.
+    assert out.returncode in (-signal.SIGKILL, 0), out.stderr[-3000:]
+    history.append((action, out.returncode, _corrupt_newest(run, rng)))
+  out = _child(config, run)
+  assert out.returncode == 0, (history, out.stderr[-3000:])
+  assert _steps(run)[-1] == TOTAL
+  want, got = _state(ref, TOTAL), _state(run, TOTAL)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+    assert np.array_equal(np.asarray(a), np.asarray(b)), (jax.tree_util.keystr(path), history)
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    logged = [json.loads(line)["step"] for line in f]
+  assert logged == list(range(1, TOTAL + 1)), (logged, history)
+  # The damaged checkpoints were named and set aside, not silently reused.
+  assert any(h[2] for h in history)
+
+
 def test_nonfinite_steps_in_a_row_stop_the_run(data_dir, tmp_path):
   # Steps 5, 7 and 8 (1-based) are NaN: the isolated one is skipped, the pair stops the run.
   config = _run_config(data_dir, checkpoint_every=1, max_nonfinite_steps=2)
   run = str(tmp_path / "nan")
   out = _child(config, run)
   assert out.returncode != 0
-  assert "FloatingPointError: stopping: 2 training steps in a row (up to step 8)" in out.stderr, \
+  assert "TrainingDiverged: stopping: 2 training steps in a row (up to step 8)" in out.stderr, \
       out.stderr[-3000:]
   assert "max_nonfinite_steps=2" in out.stderr
   # A NaN step changes nothing but the step counter: the checkpoints after steps 4 and 5

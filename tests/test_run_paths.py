@@ -34,7 +34,8 @@ def test_rewritten_metrics_file_equals_the_appended_one(tmp_path):
     workdir = tmp_path / str(append)
     workdir.mkdir()
     (workdir / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')  # a resumed run's lines
-    writer = MetricWriter(str(workdir), total_steps=10, progress=False, append=append)
+    writer = MetricWriter(str(workdir), total_steps=10, initial_step=1, progress=False,
+                          append=append)
     writer.write(2, {"loss": 2.5, "nan_metric": float("nan")})
     writer.write(3, {"loss": 2.0})
     writer.close()

@@ -24,6 +24,8 @@ import os
 from absl import logging
 import numpy as np
 
+from mmelectra import errors
+
 POLICIES = ("error", "skip")
 
 # Reason codes: index + 1 is the code a skipped example carries in batch["skip_reason"]
@@ -43,7 +45,7 @@ REPORT_FILE = "bad_records.json"
 _EXAMPLES_KEPT = 5
 
 
-class BadRecordError(ValueError):
+class BadRecordError(errors.InvalidInput):
   """A record that cannot become a valid example; `reason` is one of REASONS."""
 
   def __init__(self, message: str, reason: str = "malformed_record"):
@@ -63,8 +65,22 @@ def reason_code(reason: str) -> int:
 
 def check_policy(policy: str) -> str:
   if policy not in POLICIES:
-    raise ValueError(f"config.data.on_bad_record is {policy!r}; expected one of {POLICIES}")
+    raise errors.InvalidInput(f"config.data.on_bad_record is {policy!r}; expected one of {POLICIES}")
   return policy
+
+
+# Text files are opened with errors="surrogateescape": a byte that is not UTF-8 becomes a
+# lone surrogate instead of aborting the whole file, and the line holding it is one bad
+# record (named, or skipped and counted) like any other.
+TEXT_ERRORS = "surrogateescape"
+
+
+def non_utf8(text: str) -> str | None:
+  """Why `text` (read with TEXT_ERRORS) is not UTF-8, or None if it is."""
+  for column, char in enumerate(text, 1):
+    if "\udc80" <= char <= "\udcff":
+      return f"byte 0x{ord(char) - 0xdc00:02x} at column {column} is not UTF-8"
+  return None
 
 
 class Tally:

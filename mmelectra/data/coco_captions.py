@@ -28,6 +28,7 @@ import os
 
 import tensorflow_datasets as tfds
 
+from mmelectra import errors
 from mmelectra.data import captioned_builder
 from mmelectra.data import image_text_folder
 
@@ -58,7 +59,7 @@ def read_official(source_dir: str, part: str, year: int, tally) -> dict[int, tup
   """COCO id -> (image_file, captions, where) from one official captions file."""
   path = _captions_file(source_dir, part, year)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found; see the coco_captions layout in the README")
+    raise errors.NotFound(f"{path} not found; see the coco_captions layout in the README")
   with open(path, encoding="utf-8") as f:
     data = json.load(f)
   images = {}

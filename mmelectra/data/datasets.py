@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from mmelectra import errors
 from mmelectra.data import captioned_builder
 from mmelectra.data import coco_captions
 from mmelectra.data import image_text_folder
@@ -40,9 +41,9 @@ def num_object_classes(data_cfg) -> int:
 
 def check(data_cfg) -> None:
   if data_cfg.name not in NAMES:
-    raise ValueError(f"config.data.name is {data_cfg.name!r}; expected one of {NAMES}")
+    raise errors.InvalidInput(f"config.data.name is {data_cfg.name!r}; expected one of {NAMES}")
   if data_cfg.regions not in REGION_MODES[data_cfg.name]:
-    raise ValueError(f"config.data.regions={data_cfg.regions!r} does not work with "
+    raise errors.InvalidInput(f"config.data.regions={data_cfg.regions!r} does not work with "
                      f"config.data.name={data_cfg.name!r}; use one of "
                      f"{REGION_MODES[data_cfg.name]}")
 

@@ -27,6 +27,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmelectra import errors
+from mmelectra.data import bad_records
 from mmelectra.data import captioned_builder
 from mmelectra.data import images as images_lib
 
@@ -88,29 +90,34 @@ def find_annotations(source_dir: str, name: str) -> str:
   if name:
     path = os.path.join(source_dir, name)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"caption file {path} (config.data.annotations) does not exist")
+      raise errors.NotFound(f"caption file {path} (config.data.annotations) does not exist")
     return path
   for candidate in DEFAULT_ANNOTATIONS:
     path = os.path.join(source_dir, candidate)
     if os.path.isfile(path):
       return path
-  raise FileNotFoundError(f"no {' or '.join(DEFAULT_ANNOTATIONS)} in {source_dir}; put the "
+  raise errors.NotFound(f"no {' or '.join(DEFAULT_ANNOTATIONS)} in {source_dir}; put the "
                           "caption file there or set config.data.annotations")
 
 
 def _rows(path: str):
   """(line number, dict) for each annotation row; a row that does not parse is None."""
-  with open(path, encoding="utf-8", newline="") as f:
+  with open(path, encoding="utf-8", errors=bad_records.TEXT_ERRORS, newline="") as f:
     if path.endswith(".csv"):
       reader = csv.DictReader(f)
       missing = {"image", "caption"} - set(reader.fieldnames or ())
       if missing:
-        raise ValueError(f"{path}: CSV header {reader.fieldnames} lacks {sorted(missing)}")
+        raise errors.InvalidInput(f"{path}: CSV header {reader.fieldnames} lacks {sorted(missing)}")
       for row in reader:
-        yield reader.line_num, row
+        bad = next(filter(None, (bad_records.non_utf8(str(v)) for v in row.values())), None)
+        yield reader.line_num, row if bad is None else bad
       return
     for line_num, line in enumerate(f, 1):
       if not line.strip():
+        continue
+      bad = bad_records.non_utf8(line)
+      if bad is not None:
+        yield line_num, bad
         continue
       try:
         row = json.loads(line)
@@ -167,7 +174,7 @@ class ImageTextFolder(captioned_builder.CaptionedBuilder, skip_registration=True
     path = find_annotations(self.source_dir, annotations)
     splits = parse_annotations(path, self.tally)
     if "train" not in splits:
-      raise ValueError(f"{path} has no train rows (splits: {sorted(splits)})")
+      raise errors.InvalidInput(f"{path} has no train rows (splits: {sorted(splits)})")
     return {split: generate_image_records(self.source_dir, entries, self.tally)
             for split, entries in splits.items()}
 

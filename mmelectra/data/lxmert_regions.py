@@ -38,6 +38,7 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmelectra import errors
 from mmelectra.data import captioned_builder
 from mmelectra.data import image_text_folder
 
@@ -64,7 +65,7 @@ def read_captions(source_dir: str, tally) -> dict[str, dict[str, tuple]]:
   """split -> {img_id: (captions, where)} from every *.json in `source_dir`."""
   paths = sorted(glob.glob(os.path.join(source_dir, "*.json")))
   if not paths:
-    raise FileNotFoundError(f"no caption *.json in {source_dir}; see the lxmert_regions layout")
+    raise errors.NotFound(f"no caption *.json in {source_dir}; see the lxmert_regions layout")
   splits = {}
   for path in paths:
     with open(path, encoding="utf-8") as f:
@@ -189,7 +190,7 @@ class LxmertRegions(captioned_builder.CaptionedBuilder, skip_registration=True):
     (feature_dim,) = self.builder_config.options
     splits = read_captions(self.source_dir, self.tally)
     if not glob.glob(os.path.join(self.source_dir, "*.tsv")):
-      raise FileNotFoundError(f"no feature *.tsv in {self.source_dir}")
+      raise errors.NotFound(f"no feature *.tsv in {self.source_dir}")
     names = sorted({img_id for split in splits.values() for img_id in split})
     image_ids = {img_id: i for i, img_id in enumerate(names)}
     return {split: generate_region_records(self.source_dir, captions, image_ids, feature_dim,

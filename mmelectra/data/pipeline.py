@@ -43,6 +43,7 @@ import grain
 import numpy as np
 import tokenizers
 
+from mmelectra import errors
 from mmelectra.data import bad_records
 from mmelectra.data import captioned_builder
 from mmelectra.data import datasets
@@ -65,7 +66,7 @@ def prepared_builder(data_cfg):
   """The TFDS builder for `data_cfg`; FileNotFoundError if it was never prepared."""
   builder = datasets.builder(data_cfg)
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise errors.NotFound(
         f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
         "run mmelectra.data.datasets.prepare(data_cfg) first")
   return builder
@@ -111,7 +112,7 @@ def dataset_size(data_cfg, split: str) -> int:
   builder = prepared_builder(data_cfg)
   splits = builder.info.splits
   if split not in splits:
-    raise KeyError(f"split {split!r} not in {sorted(splits.keys())}")
+    raise errors.MissingEntry(f"split {split!r} not in {sorted(splits.keys())}")
   table = example_table(builder, split, data_cfg)
   return splits[split].num_examples if table is None else len(table)
 
@@ -155,10 +156,10 @@ def encode_caption(caption: str, tokenizer: tokenizers.Tokenizer, max_len: int,
                    special_ids: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
   """([CLS] tokens [SEP] padded to max_len, its mask); truncation keeps [SEP] last."""
   if max_len < 3:
-    raise ValueError(f"max_text_len {max_len} leaves no room between [CLS] and [SEP]")
+    raise errors.InvalidInput(f"max_text_len {max_len} leaves no room between [CLS] and [SEP]")
   ids = tokenizer.encode(caption).ids
   if ids[:1] != [special_ids["cls"]] or ids[-1:] != [special_ids["sep"]]:
-    raise ValueError("tokenizer does not wrap text in [CLS] ... [SEP]; it needs the "
+    raise errors.InvalidInput("tokenizer does not wrap text in [CLS] ... [SEP]; it needs the "
                      "'[CLS] $A [SEP]' post-processor")
   if len(ids) <= 2:
     raise BadRecordError(f"caption {caption!r} tokenises to no tokens", "empty_caption")
@@ -321,7 +322,7 @@ class ProcessRows(grain.MapDataset):
     n = len(parent)
     self._num_batches = -(-n // self._global) if pad else n // self._global
     if self._num_batches == 0:
-      raise ValueError(f"{n} examples make no global batch of {self._global} "
+      raise errors.InvalidInput(f"{n} examples make no global batch of {self._global} "
                        f"({process_count} processes x {batch_size}); use drop_remainder=False")
 
   def __len__(self) -> int:
@@ -395,7 +396,7 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: 
   """
   builder = prepared_builder(data_cfg)
   if split not in builder.info.splits:
-    raise KeyError(f"split {split!r} not in {sorted(builder.info.splits.keys())}")
+    raise errors.MissingEntry(f"split {split!r} not in {sorted(builder.info.splits.keys())}")
   # Under "error", data whose build dropped bad records is itself an error.
   bad_records.check_build_report(bad_records.read_report(builder.data_dir),
                                  on_bad_record(data_cfg), builder.data_dir)

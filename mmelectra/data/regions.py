@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mmelectra import errors
 from mmelectra.data.bad_records import BadRecordError
 
 
@@ -144,12 +145,12 @@ def num_regions(data_cfg) -> int:
   """K: regions per image for `data_cfg.regions` ("patches" or "crops")."""
   if data_cfg.regions == "patches":
     if data_cfg.image_size % data_cfg.patch_size:
-      raise ValueError(f"image_size {data_cfg.image_size} is not divisible by patch_size "
+      raise errors.InvalidInput(f"image_size {data_cfg.image_size} is not divisible by patch_size "
                        f"{data_cfg.patch_size}")
     return (data_cfg.image_size // data_cfg.patch_size) ** 2
   if data_cfg.regions in ("crops", "features"):
     return data_cfg.max_regions
-  raise ValueError(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches', 'crops' "
+  raise errors.InvalidInput(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches', 'crops' "
                    "or 'features'")
 
 
@@ -161,5 +162,5 @@ def feature_dim(data_cfg) -> int:
     return data_cfg.crop_size * data_cfg.crop_size * 3
   if data_cfg.regions == "features":
     return data_cfg.feature_dim
-  raise ValueError(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches', 'crops' "
+  raise errors.InvalidInput(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches', 'crops' "
                    "or 'features'")

@@ -22,6 +22,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmelectra import errors
 from mmelectra.data import tokenizer as tokenizer_lib
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -235,9 +236,9 @@ def scene_config(image_size: int = 64, num_train: int = 8000, num_validation: in
   if name == DEFAULT_CONFIG.name:
     return DEFAULT_CONFIG
   if image_size < 16:
-    raise ValueError(f"image_size {image_size} < 16 leaves no room for {MAX_OBJECTS} objects")
+    raise errors.InvalidInput(f"image_size {image_size} < 16 leaves no room for {MAX_OBJECTS} objects")
   if min(num_train, num_validation, num_test) < 1:
-    raise ValueError("every split needs at least one example: "
+    raise errors.InvalidInput("every split needs at least one example: "
                      f"{num_train=} {num_validation=} {num_test=}")
   return SceneConfig(name=name, image_size=image_size, num_train=num_train,
                      num_validation=num_validation, num_test=num_test, seed=seed,

@@ -14,6 +14,8 @@ from typing import Mapping, Sequence
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from mmelectra import errors
+
 # Order fixes the ids: [PAD] must be 0 because the pipeline pads with zeros.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _SPECIAL_KEYS = dict(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]")
@@ -28,7 +30,7 @@ def special_token_ids(tokenizer: tokenizers.Tokenizer) -> dict[str, int]:
   for key, token in _SPECIAL_KEYS.items():
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
-      raise KeyError(f"special token {token} ({key}) is not in the tokenizer vocabulary")
+      raise errors.MissingEntry(f"special token {token} ({key}) is not in the tokenizer vocabulary")
     ids[key] = token_id
   return ids
 
@@ -74,7 +76,7 @@ def learn_wordpiece_vocab(word_counts: Mapping[str, int], vocab_size: int) -> li
   alphabet = sorted({symbol for symbols, _ in words for symbol in symbols})
   vocab = list(SPECIAL_TOKENS) + [s for s in alphabet if s not in SPECIAL_TOKENS]
   if len(vocab) > vocab_size:
-    raise ValueError(f"vocab_size {vocab_size} is smaller than the {len(SPECIAL_TOKENS)} "
+    raise errors.InvalidInput(f"vocab_size {vocab_size} is smaller than the {len(SPECIAL_TOKENS)} "
                      f"special tokens plus the {len(alphabet)}-symbol alphabet")
   pair_counts = collections.Counter()
   pair_words = collections.defaultdict(set)  # pair -> indices of words containing it
@@ -174,7 +176,7 @@ def _from_vocab_txt(path: str, lowercase: bool) -> tokenizers.Tokenizer:
   try:
     return from_vocab(tokens, lowercase)
   except ValueError as e:
-    raise ValueError(f"{path}: {e}") from e
+    raise errors.InvalidInput(f"{path}: {e}") from e
 
 
 def load(path, lowercase: bool = True) -> tokenizers.Tokenizer:
@@ -190,9 +192,9 @@ def load(path, lowercase: bool = True) -> tokenizers.Tokenizer:
       return tokenizers.Tokenizer.from_file(json_path)
     if os.path.exists(vocab_path):
       return _from_vocab_txt(vocab_path, lowercase)
-    raise FileNotFoundError(f"neither {TOKENIZER_JSON} nor {VOCAB_TXT} in {path}")
+    raise errors.NotFound(f"neither {TOKENIZER_JSON} nor {VOCAB_TXT} in {path}")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"no tokenizer at {path}")
+    raise errors.NotFound(f"no tokenizer at {path}")
   if path.endswith(".json"):
     return tokenizers.Tokenizer.from_file(path)
   return _from_vocab_txt(path, lowercase)

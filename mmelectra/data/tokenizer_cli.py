@@ -30,6 +30,7 @@ import sys
 import tokenizers
 from tokenizers import trainers
 
+from mmelectra import errors
 from mmelectra.data import tokenizer as tokenizer_lib
 
 
@@ -59,7 +60,7 @@ def read_corpus(path: str):
           for sentence in image.get("sentences", ()):
             yield sentence["raw"]
       else:
-        raise ValueError(f"{path}: not a COCO, Karpathy or LXMERT caption file")
+        raise errors.InvalidInput(f"{path}: not a COCO, Karpathy or LXMERT caption file")
     else:
       for line in f:
         yield line.rstrip("\n")
@@ -70,7 +71,7 @@ def train(corpus_paths, vocab_size: int, lowercase: bool = True,
   """A BERT WordPiece tokenizer trained on the corpus files; specials get ids 0-4."""
   for path in corpus_paths:
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"corpus file {path} does not exist")
+      raise errors.NotFound(f"corpus file {path} does not exist")
   texts = (t for path in corpus_paths for t in read_corpus(path) if t.strip())
   if deterministic:
     return tokenizer_lib.train_wordpiece(texts, vocab_size, lowercase)

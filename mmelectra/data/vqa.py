@@ -22,8 +22,10 @@ import os
 
 import grain
 import numpy as np
-from PIL import Image
 
+from mmelectra import errors
+from mmelectra.data import bad_records
+from mmelectra.data import images
 from mmelectra.data import pipeline
 from mmelectra.data import synthetic_vqa
 from mmelectra.data import tokenizer as tokenizer_lib
@@ -54,38 +56,97 @@ def vqa_accuracy(answers, predicted: str) -> float:
 
 
 # --- examples -----------------------------------------------------------------------------
-def _jsonl_examples(path: str) -> list[dict]:
+def _jsonl_examples(path: str, tally: bad_records.Tally) -> list[dict]:
+  """The examples of a VQA JSONL file, every line checked before training starts.
+
+  A bad line (not UTF-8, not a JSON object, a missing or mistyped field, an image file
+  that is missing or does not decode) is handled by `tally`: an error naming `file:line`
+  and why, or skipped and counted.
+  """
+  if not os.path.isfile(path):
+    raise errors.NotFound(f"VQA file {path} does not exist")
   base = os.path.dirname(os.path.abspath(path))
-  out = []
-  with open(path) as f:
+  out, checked = [], {}  # image path -> why it is bad (None: it decodes)
+  with open(path, encoding="utf-8", errors=bad_records.TEXT_ERRORS) as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
-      item = json.loads(line)
-      missing = {"image", "question", "answers"} - set(item)
-      if missing:
-        raise ValueError(f"{path}:{line_no}: missing {sorted(missing)}")
-      out.append({"image": os.path.join(base, item["image"]), "question": item["question"],
-                  "answers": list(item["answers"]), "image_id": len(out)})
+      where = f"{path}:{line_no}"
+      problem = bad_records.non_utf8(line)
+      if problem is not None:
+        tally.bad(where, "malformed_record", problem)
+        continue
+      try:
+        item = json.loads(line)
+      except json.JSONDecodeError as e:
+        tally.bad(where, "malformed_record", f"not JSON: {e.msg} at column {e.colno}")
+        continue
+      problem, reason = _check_item(item), "malformed_record"
+      if problem is None:
+        image = os.path.join(base, item["image"])
+        if image not in checked:
+          checked[image] = _check_image_file(image)
+        if checked[image] is not None:
+          reason, problem = checked[image]
+      if problem is not None:
+        tally.bad(where, reason, problem)
+        continue
+      out.append({"image": image, "question": item["question"], "answers": list(item["answers"]),
+                  "image_id": len(out)})
   if not out:
-    raise ValueError(f"{path} holds no example")
+    raise errors.InvalidInput(f"{path} holds no usable example")
   return out
 
 
-def load_examples(vqa_cfg, data_cfg, split: str):
-  """(examples, scene source or None) of `split`."""
+def _check_item(item) -> str | None:
+  """Why a parsed JSONL line is not a VQA example, or None."""
+  if not isinstance(item, dict):
+    return f"not a JSON object but {type(item).__name__}"
+  missing = {"image", "question", "answers"} - set(item)
+  if missing:
+    return f"missing {sorted(missing)}"
+  if not isinstance(item["image"], str) or not item["image"]:
+    return "'image' must be a non-empty path"
+  if not isinstance(item["question"], str) or not item["question"].strip():
+    return "'question' must be non-empty text"
+  answers = item["answers"]
+  if (not isinstance(answers, list) or not answers
+      or not all(isinstance(a, str) and a.strip() for a in answers)):
+    return (f"'answers' must be a non-empty list of strings (the annotators' answers), got "
+            f"{json.dumps(answers)[:80]}")
+  return None
+
+
+def _check_image_file(path: str) -> tuple[str, str] | None:
+  """(reason, why) if the image file is missing or does not decode; None if it is good."""
+  if not os.path.isfile(path):
+    return "missing_image_file", f"image file {path} does not exist"
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    images.check_image_bytes(data)
+  except images.UnreadableImageError as e:
+    return "unreadable_image", f"{path}: {e}"
+  return None
+
+
+def load_examples(vqa_cfg, data_cfg, split: str, tally: bad_records.Tally | None = None):
+  """(examples, scene source or None) of `split`. JSONL lines go through `tally` (default:
+  the config's `vqa.on_bad_record` policy)."""
   jsonl = vqa_cfg.get(f"{split}_jsonl", "")
   if jsonl:
     if data_cfg.regions != "patches":
-      raise ValueError(f"VQA from JSONL images needs config.data.regions='patches', got {data_cfg.regions!r}")
-    return _jsonl_examples(jsonl), None
+      raise errors.InvalidInput(f"VQA from JSONL images needs config.data.regions='patches', got {data_cfg.regions!r}")
+    if tally is None:
+      tally = bad_records.Tally(vqa_cfg.get("on_bad_record", "error"))
+    return _jsonl_examples(jsonl, tally), None
   source = pipeline.prepared_builder(data_cfg).as_data_source(split=split)
   return synthetic_vqa.split_questions(source, data_cfg.seed, vqa_cfg.questions_per_image), source
 
 
 def _load_image(path: str, size: int) -> np.ndarray:
-  with Image.open(path) as image:
-    return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.uint8)
+  with open(path, "rb") as f:
+    return images.decode_resized(f.read(), size)
 
 
 class ReadVQAExample:

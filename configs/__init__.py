@@ -1,0 +1,1 @@
+"""The presets: `--config=configs/pretrain.py[:args]` (installed as `mmelectra_configs`)."""
