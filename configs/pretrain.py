@@ -113,13 +113,16 @@ def get_config(arg=None):
   # RTD/R2D gradient drowns the MLM signal that grounds that encoder (docs/findings.md).
   tied = args.get("generator") == "tied"
   c.itm_input = "masked" if tied else "corrupted"
-  # Share of the masked words and regions the discriminator reads masked ([MASK], an
+  # Share of the masked words (discriminator_mask_fraction) and of the masked regions
+  # (discriminator_region_mask_fraction) the discriminator reads masked ([MASK], an
   # all-zero region) rather than replaced by the generator's sample (docs/method.md §9):
   # the corrective LM/MOC then predict them from the pair, as the baseline's MLM/MOC do,
-  # and RTD/R2D skip them. 0: ELECTRA (all replaced). With decay_steps > 0 the share holds
-  # for hold_steps, then falls linearly to 0 over decay_steps (a warm start on the
-  # baseline's task).
+  # and RTD/R2D skip them. 0: ELECTRA (all replaced). Regions have their own share because
+  # a replaced region (with object crops, often the object a caption word names) is what
+  # stops the words reading the image (docs/findings.md). With decay_steps > 0 both shares
+  # hold for hold_steps, then fall linearly to 0 over decay_steps.
   c.discriminator_mask_fraction = 0.0
+  c.discriminator_region_mask_fraction = 0.0
   c.discriminator_mask_decay_steps = 0
   c.discriminator_mask_hold_steps = 0
   c.text_temperature = 1.0

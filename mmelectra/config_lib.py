@@ -106,12 +106,16 @@ def upgrade(raw: dict) -> dict:
   - `loss_weights.clm`, `.cmoc` (corrective LM/MOC) and `.itc` (contrastive alignment) did
     not exist: 0, off (`model.contrastive_dim` then unused); nor did
     `discriminator_mask_fraction` (0: every masked slot replaced) and its hold/decay steps.
+  - `discriminator_region_mask_fraction` split off `discriminator_mask_fraction`, which
+    served both words and regions before: an older run's regions keep its value.
   """
   model = raw.get("model", {})
   if "generator" not in model:
     model["generator"] = "tied" if model.pop("generator_tied", False) else "crossmodal"
   model.setdefault("contrastive_dim", 128)
   raw.setdefault("discriminator_mask_fraction", 0.0)
+  # One share served words and regions until they got one each.
+  raw.setdefault("discriminator_region_mask_fraction", raw["discriminator_mask_fraction"])
   raw.setdefault("discriminator_mask_decay_steps", 0)
   raw.setdefault("discriminator_mask_hold_steps", 0)
   for name in ("clm", "cmoc", "itc"):
@@ -197,6 +201,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
     ("itm_negative_fraction", *_RATE),
     ("itm_input", *_one_of("corrupted", "masked")),
     ("discriminator_mask_fraction", *_number(0, 1)),
+    ("discriminator_region_mask_fraction", *_number(0, 1)),
     ("discriminator_mask_decay_steps", *_count(0)),
     ("discriminator_mask_hold_steps", *_count(0)),
     ("text_temperature", *_NON_NEGATIVE),

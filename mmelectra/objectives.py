@@ -40,12 +40,13 @@ class ObjectiveConfig:
   itm_input: str  # "corrupted" (the discriminator's pair) | "masked" (tied generator's pass)
   text_temperature: float
   region_temperature: float
-  # Share of the masked slots (words and regions) that the discriminator reads masked, as
-  # the baseline's encoder does ([MASK], an all-zero region), instead of the generator's
-  # sample (docs/method.md §9); they leave RTD/R2D and count in the corrective LM/MOC.
-  # With `discriminator_mask_decay_steps` > 0 the share holds for
-  # `discriminator_mask_hold_steps`, then falls linearly to 0 over the decay steps.
+  # Share of the masked words (and, separately, regions) that the discriminator reads
+  # masked, as the baseline's encoder does ([MASK], an all-zero region), instead of the
+  # generator's sample (docs/method.md §9); they leave RTD/R2D and count in the corrective
+  # LM/MOC. With `discriminator_mask_decay_steps` > 0 both shares hold for
+  # `discriminator_mask_hold_steps`, then fall linearly to 0 over the decay steps.
   discriminator_mask_fraction: float
+  discriminator_region_mask_fraction: float
   discriminator_mask_decay_steps: int
   discriminator_mask_hold_steps: int
   loss_weights: tuple[tuple[str, float], ...]
@@ -71,6 +72,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
       itm_input=_itm_input(config),
       text_temperature=config.text_temperature,
       discriminator_mask_fraction=config.discriminator_mask_fraction,
+      discriminator_region_mask_fraction=config.discriminator_region_mask_fraction,
       discriminator_mask_decay_steps=config.discriminator_mask_decay_steps,
       discriminator_mask_hold_steps=config.discriminator_mask_hold_steps,
       region_temperature=config.region_temperature,
@@ -223,10 +225,11 @@ def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveCo
                for pool, original in zip(pools, originals))
 
 
-def discriminator_mask_fraction(ocfg: ObjectiveConfig, step) -> Array | float:
-  """The share of masked slots the discriminator reads masked at `step` (None: the end of
-  the schedule, as evaluation uses)."""
-  start, decay = ocfg.discriminator_mask_fraction, ocfg.discriminator_mask_decay_steps
+def discriminator_mask_fraction(ocfg: ObjectiveConfig, step, start: float | None = None) -> Array | float:
+  """The share of masked words (or, given its `start`, regions) the discriminator reads
+  masked at `step` (None: the end of the schedule, as evaluation uses)."""
+  start = ocfg.discriminator_mask_fraction if start is None else start
+  decay = ocfg.discriminator_mask_decay_steps
   if decay <= 0:
     return start
   if step is None:
@@ -256,16 +259,18 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
 
   # Write the generator's predictions back (gradient stopped through token samples).
   kept_masked = kept_regions = None
-  keep = ocfg.discriminator_mask_fraction > 0
+  keep = ocfg.discriminator_mask_fraction > 0 or ocfg.discriminator_region_mask_fraction > 0
   if keep:  # split only here, so runs without it keep their random streams
     rng_text, rng_keep = jax.random.split(rng_text)
     rng_region, rng_keep_region = jax.random.split(rng_region)
   sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
   if keep:
-    fraction = discriminator_mask_fraction(ocfg, step)
     sampled_tokens, kept_masked = electra.keep_masked(
-        rng_keep, sampled_tokens, x.text_weights, fraction, ocfg.mask_id)
-    kept_regions = electra.kept_slots(rng_keep_region, x.region_weights, fraction)
+        rng_keep, sampled_tokens, x.text_weights, discriminator_mask_fraction(ocfg, step),
+        ocfg.mask_id)
+    kept_regions = electra.kept_slots(
+        rng_keep_region, x.region_weights,
+        discriminator_mask_fraction(ocfg, step, ocfg.discriminator_region_mask_fraction))
   corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
   def project(feats):
     return model.apply({"params": params}, feats, method=MMElectra.candidate_embeddings)

@@ -175,7 +175,8 @@ def test_contrastive_alignment_reads_each_modality_alone_and_trains_below_the_cr
 
 
 def test_discriminator_mask_fraction_reads_masked_slots_masked_on_a_schedule():
-  config = micro_config(discriminator_mask_fraction=1.0, discriminator_mask_decay_steps=100,
+  config = micro_config(discriminator_mask_fraction=1.0, discriminator_region_mask_fraction=1.0,
+                        discriminator_mask_decay_steps=100,
                         **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
   setup = train.build(config, SPECIAL_IDS)
   ocfg = setup.ocfg
@@ -201,6 +202,14 @@ def test_discriminator_mask_fraction_reads_masked_slots_masked_on_a_schedule():
   assert float(end["text_replaced_frac"][1]) > 0 and float(end["region_replaced_frac"][1]) > 0
   # The corrective heads are trained at every masked slot either way.
   assert float(start["clm_loss"][1]) == float(end["clm_loss"][1]) > 0
+  # Words and regions have a share each: every masked word replaced, no region.
+  for words, regions in ((0.0, 1.0), (1.0, 0.0)):
+    split = objectives.ObjectiveConfig(**{**ocfg.__dict__, "discriminator_mask_fraction": words,
+                                          "discriminator_region_mask_fraction": regions,
+                                          "discriminator_mask_decay_steps": 0})
+    sums = objectives.compute_losses(setup.model, params, batch, jax.random.key(0), split, True)[1]
+    assert (float(sums["text_replaced_frac"][1]) > 0) == (words == 0.0)
+    assert (float(sums["region_replaced_frac"][1]) > 0) == (regions == 0.0)
 
 
 def test_tied_generator_runs_the_discriminators_encoder():
