@@ -241,18 +241,18 @@ def check_state_shapes(manager: ocp.CheckpointManager, step: int, abstract_state
   for name in order:
     if name not in saved:
       raise errors.InvalidInput(f"checkpoint {path.parent} does not match the config: it has no "
-                       f"'{name}' (config shape {tuple(wanted[name].shape)}). Use another "
-                       "workdir, or --config.init_from to start from its parameters")
+                                f"'{name}' (config shape {tuple(wanted[name].shape)}). Use another "
+                                "workdir, or --config.init_from to start from its parameters")
     if tuple(saved[name].shape) != tuple(wanted[name].shape):
       raise errors.InvalidInput(f"checkpoint {path.parent} does not match the config: '{name}' has "
-                       f"shape {tuple(saved[name].shape)} in the checkpoint but "
-                       f"{tuple(wanted[name].shape)} in the config. Use another workdir, or the "
-                       "config that wrote it")
+                                f"shape {tuple(saved[name].shape)} in the checkpoint but "
+                                f"{tuple(wanted[name].shape)} in the config. Use another workdir, or the "
+                                "config that wrote it")
   extra = [n for n in saved if n not in wanted]
   if extra:
     raise errors.InvalidInput(f"checkpoint {path.parent} does not match the config: it has '{extra[0]}' "
-                     f"(shape {tuple(saved[extra[0]].shape)}) that the config's model lacks"
-                     + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
+                              f"(shape {tuple(saved[extra[0]].shape)}) that the config's model lacks"
+                              + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
 
 
 # --- init_from: another run's parameters ------------------------------------------------
@@ -385,8 +385,8 @@ def load_pretrained_params(init_from: str, target_params, *,
     if saved_shape != shape:
       if not allow_shape_mismatch:
         raise errors.InvalidInput(f"init_from {state_dir}: parameter '{name}' has shape {saved_shape} in the "
-                         f"checkpoint but {shape} in the model (allow_shape_mismatch=True keeps "
-                         "such parameters newly initialised)")
+                                  f"checkpoint but {shape} in the model (allow_shape_mismatch=True keeps "
+                                  "such parameters newly initialised)")
       mismatched.append((name, saved_shape, shape))
     else:
       loaded.append(name)

@@ -116,7 +116,7 @@ def check(config: ml_collections.ConfigDict, mesh: dict[str, int] | None = None,
       devices = topologies.get_topology_desc(topology, platform="tpu").devices
     except Exception as e:  # pylint: disable=broad-except
       raise errors.InvalidInput(f"this machine cannot describe TPU topology {topology!r} "
-                         f"(jax.experimental.topologies needs libtpu): {e}") from e
+                                f"(jax.experimental.topologies needs libtpu): {e}") from e
     backend = f"TPU {topology}"
   elif num_devices is not None and jax.device_count() != num_devices:
     raise RuntimeError(f"{jax.device_count()} devices, {num_devices} requested")

@@ -34,13 +34,13 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       m[key] = value
     elif key != "num_object_classes" and m[key] != value:
       raise errors.InvalidInput(f"config.model.{key}={m[key]} but config.data gives {value}; "
-                       f"leave model.{key}=-1 to derive it")
+                                f"leave model.{key}=-1 to derive it")
   if d.max_text_len > m.max_position:
     raise errors.InvalidInput(f"config.data.max_text_len={d.max_text_len} exceeds "
-                     f"config.model.max_position={m.max_position}")
+                              f"config.model.max_position={m.max_position}")
   if config.batch_size % config.grad_accum_steps:
     raise errors.InvalidInput(f"config.batch_size={config.batch_size} is not divisible by "
-                     f"config.grad_accum_steps={config.grad_accum_steps}")
+                              f"config.grad_accum_steps={config.grad_accum_steps}")
   config.lock()
   return config
 

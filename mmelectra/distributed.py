@@ -51,7 +51,7 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     return False
   if explicit and (coordinator_address is None or num_processes is None or process_id is None):
     raise errors.InvalidInput("multi-process by flags needs all of --coordinator_address, --num_processes "
-                     "and --process_id")
+                              "and --process_id")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)

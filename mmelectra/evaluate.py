@@ -223,7 +223,7 @@ def _checked_step(manager, workdir: str, step: int | None) -> int:
   step = available[-1] if step is None else step
   if step not in available:
     raise errors.NotFound(f"no checkpoint for step {step} in {checkpoint.checkpoint_dir(workdir)}; "
-                            f"available: {available}")
+                          f"available: {available}")
   return step
 
 

@@ -268,7 +268,7 @@ def hf_config_from(cfg: model_lib.ModelConfig, pad_token_id: int = 0):
   enc = cfg.encoder
   if enc.layer_norm_eps != HF_LAYER_NORM_EPS:
     raise errors.InvalidInput(f"model.layer_norm_eps={enc.layer_norm_eps}, but transformers' LXMERT fixes "
-                     f"LayerNorm eps at {HF_LAYER_NORM_EPS}; the export could not match")
+                              f"LayerNorm eps at {HF_LAYER_NORM_EPS}; the export could not match")
   return transformers.LxmertConfig(
       vocab_size=cfg.vocab_size, hidden_size=enc.hidden_size, num_attention_heads=enc.num_heads,
       intermediate_size=enc.mlp_dim, hidden_act="gelu",  # erf GELU, as model.gelu
@@ -490,7 +490,7 @@ def load_hf_models(hf_dir: str):
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith("cls.")]
     if info["missing_keys"] or unexpected or info["mismatched_keys"]:
       raise errors.InvalidInput(f"{cls.__name__} from {hf_dir}: missing {sorted(info['missing_keys'])}, "
-                       f"unexpected {sorted(unexpected)}, mismatched {info['mismatched_keys']}")
+                                f"unexpected {sorted(unexpected)}, mismatched {info['mismatched_keys']}")
     models.append(m.eval())
   return tuple(models)
 

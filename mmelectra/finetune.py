@@ -251,7 +251,7 @@ def build_task(config, tally=None) -> tuple[Task, dict]:
     raise errors.InvalidInput(f"config.task must be one of {TASKS}, got {config.task!r}")
   if not config.init_from:
     raise errors.InvalidInput("config.init_from must name a pretraining workdir (its model, data and "
-                     "tokenizer); with config.init_mode='random' only its architecture is used")
+                              "tokenizer); with config.init_mode='random' only its architecture is used")
   # init_from may name one checkpoint (`WORKDIR/checkpoints/<step>`): the run's config is
   # its workdir's; `init_params` loads that step's parameters.
   pre_config, _ = train.prepare_data_and_config(config_lib.load(config_lib.run_dir(config.init_from)))

@@ -565,7 +565,7 @@ def generator_config(enc: EncoderConfig, kind: str, width_ratio: float) -> Encod
   heads = max(int(round(enc.num_heads * width_ratio)), 1)
   if width % heads:
     raise errors.InvalidInput(f"generator width {width} is not divisible by its {heads} heads; "
-                     f"change model.generator_width_ratio={width_ratio}")
+                              f"change model.generator_width_ratio={width_ratio}")
   gen = dataclasses.replace(enc, hidden_size=width, num_heads=heads,
                             mlp_dim=max(int(round(enc.mlp_dim * width_ratio)), 1))
   if kind == "per_modality":

@@ -95,7 +95,7 @@ def _itm_input(config) -> str:
   itm_input = _choice(config, "itm_input", ("corrupted", "masked"))
   if itm_input == "masked" and config.objective == "electra" and config.model.generator != "tied":
     raise errors.InvalidInput("config.itm_input='masked' needs config.model.generator='tied': only then "
-                     "is the generator's encoder the deployed fusion encoder")
+                              "is the generator's encoder the deployed fusion encoder")
   return itm_input
 
 

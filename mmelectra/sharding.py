@@ -27,11 +27,11 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   if -1 in sizes:
     if num_devices % known:
       raise errors.InvalidInput(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
-                       f"divisible by the fixed axes' product {known}")
+                                f"divisible by the fixed axes' product {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     raise errors.InvalidInput(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"{num_devices} are available")
+                              f"{num_devices} are available")
   return tuple(sizes)
 
 

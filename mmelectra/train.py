@@ -74,7 +74,7 @@ def build(config, special_token_ids: dict) -> Setup:
   dp = sharding.data_parallel_size(mesh)
   if config.batch_size % (dp * config.grad_accum_steps):
     raise errors.InvalidInput(f"config.batch_size={config.batch_size} must be divisible by the data-parallel "
-                     f"size {dp} x grad_accum_steps {config.grad_accum_steps}")
+                              f"size {dp} x grad_accum_steps {config.grad_accum_steps}")
   tx, schedule = optim.make_optimizer(config)
   init_fn = functools.partial(_init_state, model=model, tx=tx, config=config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -186,7 +186,7 @@ def prepare_data_and_config(config):
   tok = pipeline.load_tokenizer(config.data)
   if tok.get_vocab_size() > config.model.vocab_size:
     raise errors.InvalidInput(f"the tokenizer has {tok.get_vocab_size()} tokens but config.model.vocab_size="
-                     f"{config.model.vocab_size}; raise model.vocab_size")
+                              f"{config.model.vocab_size}; raise model.vocab_size")
   return config, tokenizer_lib.special_token_ids(tok)
 
 
@@ -291,11 +291,11 @@ def train_and_evaluate(config, workdir: str, strict: bool = False) -> dict:
         if nonfinite_in_a_row >= config.max_nonfinite_steps > 0:
           finish()
           raise errors.TrainingDiverged(
-              f"stopping: {nonfinite_in_a_row} training steps in a row (up to step {step - 1}) had "
-              f"a non-finite loss or gradients (config.max_nonfinite_steps="
-              f"{config.max_nonfinite_steps}). The parameters are those of the last finite step; "
-              f"the last checkpoint is {manager.latest_step()} in {checkpoint.checkpoint_dir(workdir)}. "
-              "Lower the learning rate or check the data, then rerun to resume.")
+                                        f"stopping: {nonfinite_in_a_row} training steps in a row (up to step {step - 1}) had "
+                                        f"a non-finite loss or gradients (config.max_nonfinite_steps="
+                                        f"{config.max_nonfinite_steps}). The parameters are those of the last finite step; "
+                                        f"the last checkpoint is {manager.latest_step()} in {checkpoint.checkpoint_dir(workdir)}. "
+                                        "Lower the learning rate or check the data, then rerun to resume.")
       elif pending_flag is not None:
         nonfinite_in_a_row = 0
       pending_flag = sums[NONFINITE][0]

@@ -44,8 +44,8 @@ def check(data_cfg) -> None:
     raise errors.InvalidInput(f"config.data.name is {data_cfg.name!r}; expected one of {NAMES}")
   if data_cfg.regions not in REGION_MODES[data_cfg.name]:
     raise errors.InvalidInput(f"config.data.regions={data_cfg.regions!r} does not work with "
-                     f"config.data.name={data_cfg.name!r}; use one of "
-                     f"{REGION_MODES[data_cfg.name]}")
+                              f"config.data.name={data_cfg.name!r}; use one of "
+                              f"{REGION_MODES[data_cfg.name]}")
 
 
 def builder(data_cfg):

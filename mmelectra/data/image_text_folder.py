@@ -97,7 +97,7 @@ def find_annotations(source_dir: str, name: str) -> str:
     if os.path.isfile(path):
       return path
   raise errors.NotFound(f"no {' or '.join(DEFAULT_ANNOTATIONS)} in {source_dir}; put the "
-                          "caption file there or set config.data.annotations")
+                        "caption file there or set config.data.annotations")
 
 
 def _rows(path: str):

@@ -67,8 +67,8 @@ def prepared_builder(data_cfg):
   builder = datasets.builder(data_cfg)
   if not builder.is_prepared():
     raise errors.NotFound(
-        f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
-        "run mmelectra.data.datasets.prepare(data_cfg) first")
+                          f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
+                          "run mmelectra.data.datasets.prepare(data_cfg) first")
   return builder
 
 
@@ -160,7 +160,7 @@ def encode_caption(caption: str, tokenizer: tokenizers.Tokenizer, max_len: int,
   ids = tokenizer.encode(caption).ids
   if ids[:1] != [special_ids["cls"]] or ids[-1:] != [special_ids["sep"]]:
     raise errors.InvalidInput("tokenizer does not wrap text in [CLS] ... [SEP]; it needs the "
-                     "'[CLS] $A [SEP]' post-processor")
+                              "'[CLS] $A [SEP]' post-processor")
   if len(ids) <= 2:
     raise BadRecordError(f"caption {caption!r} tokenises to no tokens", "empty_caption")
   if len(ids) > max_len:
@@ -323,7 +323,7 @@ class ProcessRows(grain.MapDataset):
     self._num_batches = -(-n // self._global) if pad else n // self._global
     if self._num_batches == 0:
       raise errors.InvalidInput(f"{n} examples make no global batch of {self._global} "
-                       f"({process_count} processes x {batch_size}); use drop_remainder=False")
+                                f"({process_count} processes x {batch_size}); use drop_remainder=False")
 
   def __len__(self) -> int:
     return self._num_batches * self._local

@@ -146,12 +146,12 @@ def num_regions(data_cfg) -> int:
   if data_cfg.regions == "patches":
     if data_cfg.image_size % data_cfg.patch_size:
       raise errors.InvalidInput(f"image_size {data_cfg.image_size} is not divisible by patch_size "
-                       f"{data_cfg.patch_size}")
+                                f"{data_cfg.patch_size}")
     return (data_cfg.image_size // data_cfg.patch_size) ** 2
   if data_cfg.regions in ("crops", "features"):
     return data_cfg.max_regions
   raise errors.InvalidInput(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches', 'crops' "
-                   "or 'features'")
+                            "or 'features'")
 
 
 def feature_dim(data_cfg) -> int:
@@ -163,4 +163,4 @@ def feature_dim(data_cfg) -> int:
   if data_cfg.regions == "features":
     return data_cfg.feature_dim
   raise errors.InvalidInput(f"data_cfg.regions is {data_cfg.regions!r}, expected 'patches', 'crops' "
-                   "or 'features'")
+                            "or 'features'")

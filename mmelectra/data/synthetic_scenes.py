@@ -239,7 +239,7 @@ def scene_config(image_size: int = 64, num_train: int = 8000, num_validation: in
     raise errors.InvalidInput(f"image_size {image_size} < 16 leaves no room for {MAX_OBJECTS} objects")
   if min(num_train, num_validation, num_test) < 1:
     raise errors.InvalidInput("every split needs at least one example: "
-                     f"{num_train=} {num_validation=} {num_test=}")
+                              f"{num_train=} {num_validation=} {num_test=}")
   return SceneConfig(name=name, image_size=image_size, num_train=num_train,
                      num_validation=num_validation, num_test=num_test, seed=seed,
                      vocab_size=vocab_size,

@@ -77,7 +77,7 @@ def learn_wordpiece_vocab(word_counts: Mapping[str, int], vocab_size: int) -> li
   vocab = list(SPECIAL_TOKENS) + [s for s in alphabet if s not in SPECIAL_TOKENS]
   if len(vocab) > vocab_size:
     raise errors.InvalidInput(f"vocab_size {vocab_size} is smaller than the {len(SPECIAL_TOKENS)} "
-                     f"special tokens plus the {len(alphabet)}-symbol alphabet")
+                              f"special tokens plus the {len(alphabet)}-symbol alphabet")
   pair_counts = collections.Counter()
   pair_words = collections.defaultdict(set)  # pair -> indices of words containing it
   for index, (symbols, count) in enumerate(words):
