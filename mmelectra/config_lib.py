@@ -16,8 +16,8 @@ from mmelectra.data import regions
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validates the config, fills the model fields that follow from the data (those left at
-  -1) and checks them.
+  """Validates the config (`validate`: ranges and the rules between fields), fills the
+  model fields that follow from the data (those left at -1) and checks them.
 
   Returns a locked copy; the argument is not changed.
   """
@@ -35,12 +35,6 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     elif key != "num_object_classes" and m[key] != value:
       raise errors.InvalidInput(f"config.model.{key}={m[key]} but config.data gives {value}; "
                                 f"leave model.{key}=-1 to derive it")
-  if d.max_text_len > m.max_position:
-    raise errors.InvalidInput(f"config.data.max_text_len={d.max_text_len} exceeds "
-                              f"config.model.max_position={m.max_position}")
-  if config.batch_size % config.grad_accum_steps:
-    raise errors.InvalidInput(f"config.batch_size={config.batch_size} is not divisible by "
-                              f"config.grad_accum_steps={config.grad_accum_steps}")
   config.lock()
   return config
 
@@ -255,6 +249,9 @@ FINETUNE_RULES = _SHARED_RULES + (
 )
 
 
+_ABSENT = object()
+
+
 def _lookup(config, dotted: str):
   node = config
   for part in dotted.split("."):
@@ -262,9 +259,6 @@ def _lookup(config, dotted: str):
       return _ABSENT
     node = node[part]
   return node
-
-
-_ABSENT = object()
 
 
 def validate(config, rules=PRETRAIN_RULES) -> None:

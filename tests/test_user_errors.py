@@ -103,6 +103,12 @@ def test_validate_accepts_every_preset_and_names_every_bad_key():
   c.model.update(num_heads=3)
   with pytest.raises(errors.InvalidInput, match="hidden_size=128 is not divisible"):
     config_lib.validate(c)
+  c.model.update(num_heads=4)
+  c.update(grad_accum_steps=3)
+  c.data.update(max_text_len=600)
+  with pytest.raises(errors.InvalidInput, match=r"batch_size=32 is not divisible by "
+                     r"config.grad_accum_steps=3; config.data.max_text_len=600 exceeds"):
+    config_lib.finalize(c)  # finalize validates first
 
 
 # --- run directories ------------------------------------------------------------------------
