@@ -32,7 +32,9 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from mmelectra import checkpoint, train  # noqa: E402
+from mmelectra import checkpoint  # noqa: E402
+from mmelectra import setup as setup_lib
+from mmelectra import workdir as workdir_lib
 
 SPECIAL_IDS = dict(pad=0, unk=1, cls=2, sep=3, mask=4)
 MODEL_FIELDS = {
@@ -53,7 +55,7 @@ def _setup(size: str):
   c.model.update(MODEL_FIELDS[size])
   c.batch_size = len(jax.devices())
   c.lock()
-  return train.build(c, SPECIAL_IDS)
+  return setup_lib.build(c, SPECIAL_IDS)
 
 
 def _dir_bytes(path: str) -> int:
@@ -71,7 +73,7 @@ def bench(size: str, saves: int, root: str) -> dict:
   jax.block_until_ready(state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   workdir = os.path.join(root, size)
-  manager = checkpoint.make_manager(workdir, max_to_keep=2)
+  manager = workdir_lib.training_manager(workdir, max_to_keep=2)
   blocking, total = [], []
   data_iter = _data_iterator()
   for step in range(1, saves + 2):
@@ -82,7 +84,7 @@ def bench(size: str, saves: int, root: str) -> dict:
     t2 = time.perf_counter()
     blocking.append(t1 - t0)
     total.append(t2 - t0)
-  size_bytes = _dir_bytes(os.path.join(checkpoint.checkpoint_dir(workdir), str(saves + 1)))
+  size_bytes = _dir_bytes(os.path.join(workdir_lib.checkpoint_dir(workdir), str(saves + 1)))
   manager.close()
   shutil.rmtree(workdir, ignore_errors=True)
   return dict(size=size, params_m=n_params / 1e6, ckpt_mb=size_bytes / 2**20,

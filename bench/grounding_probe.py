@@ -32,13 +32,11 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from mmelectra import checkpoint
-from mmelectra import config_lib
-from mmelectra import electra
-from mmelectra import train
-from mmelectra.data import pipeline
 from mmelectra.data import synthetic_scenes
 from mmelectra.model import MMElectra
+from mmelectra import metrics as metrics_lib
+from mmelectra import setup as setup_lib
+from mmelectra import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (trained on synthetic_scenes)", required=True)
 _NUM = flags.DEFINE_integer("num", 200, "validation examples probed")
@@ -58,19 +56,19 @@ def pick_colour_words(ids: np.ndarray, colour_ids: list[int], rng) -> np.ndarray
 
 def main(argv):
   del argv
-  config = config_lib.load(_WORKDIR.value)
+  config = workdir_lib.load_config(_WORKDIR.value)
   if config.data.name != "synthetic_scenes":
     raise ValueError(f"{_WORKDIR.value} trained on {config.data.name!r}; the probes need synthetic_scenes")
-  config, special = train.prepare_data_and_config(config)
-  setup = train.build(config, special)
-  manager = checkpoint.make_manager(_WORKDIR.value, max_to_keep=None)
-  step = manager.latest_step() if _STEP.value < 0 else _STEP.value
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {_WORKDIR.value}")
-  params = checkpoint.restore(manager, step, setup.abstract_state)["params"]
+  data = setup_lib.prepare_data(config)
+  config, special = data.config, data.special_ids
+  setup = setup_lib.build(config, special)
+  manager = workdir_lib.read_only_manager(_WORKDIR.value)
+  step, restored = workdir_lib.restore_params(manager, setup.abstract_params,
+                                              None if _STEP.value < 0 else _STEP.value)
+  params = restored["params"]
   model = setup.model
-  batch = next(pipeline.make_iterator(config.data, "validation", batch_size=_NUM.value, seed=0,
-                                      shuffle=False, num_epochs=1))
+  batch = next(data.iterator("validation", batch_size=_NUM.value, seed=0, shuffle=False,
+                             num_epochs=1))
   b = {k: np.asarray(v) for k, v in batch.items()}
   n = len(b["text_ids"])
   other = np.roll(np.arange(n), 1)
@@ -102,7 +100,7 @@ def main(argv):
   res["itm_neg_acc_same_count"] = float(neg[same_count].mean())
   res["itm_neg_acc_diff_count"] = float(neg[~same_count].mean())
 
-  tok = pipeline.load_tokenizer(config.data)
+  tok = data.tokenizer
   colour_ids = [tok.token_to_id(c) for c in synthetic_scenes.COLOURS]
   rng = np.random.default_rng(_SEED.value)
   pos = pick_colour_words(b["text_ids"], colour_ids, rng)
@@ -138,9 +136,9 @@ def main(argv):
         clm_pred = np.asarray(out_masked["clm"])[:, 0].argmax(-1)
         res[f"colour_clm_masked_acc_{name}"] = float((clm_pred == target)[has].mean())
       # The same AUC as the run's rtd_auc (electra's metric sums).
-      hists = electra.binary_metric_sums("rtd", rtd[rows, np.maximum(pos, 0)],
+      hists = metrics_lib.binary_metric_sums("rtd", rtd[rows, np.maximum(pos, 0)],
                                          label.astype(np.float32), has.astype(np.float32))["rtd_auc"]
-      res[f"colour_rtd_auc_{name}"] = electra.auc_from_histograms(*hists)
+      res[f"colour_rtd_auc_{name}"] = metrics_lib.auc_from_histograms(*hists)
 
   print(json.dumps(res, indent=1))
   print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))

@@ -36,8 +36,10 @@ from PIL import Image  # noqa: E402
 
 import corpus_files  # noqa: E402  (the tests' real-format writers)
 from configs import pretrain  # noqa: E402
-from mmelectra import config_lib, train  # noqa: E402
+from mmelectra import config_lib  # noqa: E402
 from mmelectra.data import datasets, pipeline  # noqa: E402
+from mmelectra import setup as setup_lib
+from mmelectra import train_step
 
 BATCH = 32
 
@@ -93,13 +95,13 @@ def pipeline_rate(data_cfg, workers: int, batches: int) -> float:
 
 def step_rate(config, steps: int) -> float:
   config = config_lib.finalize(config)
-  setup = train.build(config, dict(pad=0, unk=1, cls=2, sep=3, mask=4))
-  state = train.init_state(setup, 0)
-  step = train.make_train_step(setup)
-  batch = train.dummy_batch(config, BATCH)
+  setup = setup_lib.build(config, dict(pad=0, unk=1, cls=2, sep=3, mask=4))
+  state = setup_lib.init_state(setup, 0)
+  step = train_step.make_train_step(setup)
+  batch = setup_lib.dummy_batch(config, BATCH)
   batch["region_feats"] = np.random.default_rng(0).normal(size=batch["region_feats"].shape).astype(np.float32)
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    batch = train.to_global(batch, setup.mesh)
+    batch = setup_lib.to_global(batch, setup.mesh)
     state, _ = step(state, batch)  # compile
     jax.block_until_ready(state)
     start = time.perf_counter()

@@ -48,6 +48,7 @@ import platform
 import shutil
 import sys
 import time
+from mmelectra import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -195,13 +196,12 @@ def finished_run(workdir: str, config, expected_steps: list[int]) -> None:
   """Checks that `workdir` holds a finished run of `config` with a checkpoint at every
   evaluation point (for `--reevaluate`), before any evaluation is spent on it."""
   from etils import epath
-  from mmelectra import checkpoint, config_lib
-  stored = config_lib.load(workdir)  # FileNotFoundError naming the path if it is no run
+  stored = workdir_lib.load_config(workdir)  # FileNotFoundError naming the path if it is no run
   for key in ("objective", "total_steps", "seed", "batch_size"):
     if stored.get(key) != config[key]:
       raise ValueError(f"--reevaluate: {workdir} was trained with {key}={stored.get(key)!r}, "
                        f"this variant, seed, budget and --evals give {config[key]!r}")
-  directory = epath.Path(checkpoint.checkpoint_dir(workdir))
+  directory = epath.Path(workdir_lib.checkpoint_dir(workdir))
   steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
   if steps != expected_steps:
     raise ValueError(f"--reevaluate: checkpoints {steps} in {directory}, --evals gives {expected_steps}")

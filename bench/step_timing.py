@@ -34,7 +34,9 @@ import numpy as np  # noqa: E402
 
 from conftest import SPECIAL_IDS, random_batch  # noqa: E402  (the tests' batch maker)
 from configs import pretrain  # noqa: E402
-from mmelectra import config_lib, flops, train  # noqa: E402
+from mmelectra import config_lib, flops  # noqa: E402
+from mmelectra import setup as setup_lib
+from mmelectra import train_step
 
 VOCAB_SIZE = 30522
 TEXT_LEN = 20
@@ -72,11 +74,11 @@ class JaxStep:
 
   def __init__(self, config, warmup: int = 2, seed: int = 0):
     self.config = config
-    self.setup = train.build(config, SPECIAL_IDS)
-    self.step_fn = train.make_train_step(self.setup)
-    self.state = train.init_state(self.setup, config.seed)
+    self.setup = setup_lib.build(config, SPECIAL_IDS)
+    self.step_fn = train_step.make_train_step(self.setup)
+    self.state = setup_lib.init_state(self.setup, config.seed)
     with self._context():
-      self.batch = train.to_global(random_batch(config, seed=seed), self.setup.mesh)
+      self.batch = setup_lib.to_global(random_batch(config, seed=seed), self.setup.mesh)
       start = time.perf_counter()
       self.state, sums = self.step_fn(self.state, self.batch)
       jax.block_until_ready(self.state)

@@ -6,7 +6,7 @@ Argument string (comma separated, all optional):
   regions=patches|crops         region features from image patches or object crops
   moc=sample|regress|classify   masked-object mode
   generator=per_modality|crossmodal|tied
-                                electra's generator (docs/method.md, "The generator"):
+                                electra's generator (docs/method.md §3):
                                 `per_modality` (default: a text stack for MLM and a region
                                 stack for MOC, neither reading the other modality),
                                 `crossmodal` (a narrow copy of the whole encoder) or `tied`
@@ -131,12 +131,12 @@ def get_config(arg=None):
   # clm: corrective LM on the discriminator (COCO-LM): at every masked text slot the
   # fusion encoder also predicts the original word from the corrupted pair. With the
   # per-modality generator a replaced attribute word's original can only be read off the
-  # image, which gives the discriminator a grounding signal to start from (docs/method.md,
-  # "Corrective LM"). 0 switches it off (and drops its head). cmoc: its region half, the
+  # image, which gives the discriminator a grounding signal to start from (docs/method.md
+  # §9). 0 switches it off (and drops its head). cmoc: its region half, the
   # original region at every masked region, predicted by the fusion encoder.
   # itc: image-text contrastive alignment (ALBEF's "align before fuse") of the fusion
   # encoder's own text and region stacks, before the cross layers, against every pair of
-  # the global batch (docs/method.md, "Contrastive alignment"). 0 switches it off.
+  # the global batch (docs/method.md §9). 0 switches it off.
   c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=disc_weight,
                                                   rtd=disc_weight, itm=1.0, clm=0.0, cmoc=0.0,
                                                   itc=0.0))
@@ -158,7 +158,7 @@ def get_config(arg=None):
       dtype="float32",  # compute dtype: float32 | bfloat16; parameters stay float32
       remat=False,
       # One nn.scan per layer stack instead of unrolled layers (MaxText's scan_layers):
-      # XLA compiles one layer per stack, ~3x faster for base. Parameters are stacked
+      # XLA compiles one layer per stack (faster for base and large). Parameters are stacked
       # (encoder/l_layers/..., leading axis "layers"); export, init_from and fine-tuning
       # convert to the unrolled layout (model.unscan_params).
       scan_layers=False,
@@ -214,7 +214,7 @@ def get_config(arg=None):
   c.logical_axis_rules = LOGICAL_AXIS_RULES
 
   if args.get("runlocal"):
-    # About two minutes of training on a 2-core CPU at size=tiny.
+    # A run for a laptop CPU (what `make demo` trains; its time is in docs/findings.md).
     c.total_steps = 1000
     c.log_every = 50
     c.checkpoint_every = 500

@@ -12,17 +12,19 @@ Saves are asynchronous: `save` blocks only while arrays are copied to host memor
 files are written in the background into a temporary directory that is renamed when
 complete, so a run killed mid-save leaves no half checkpoint that a restart could pick.
 
-`load_pretrained_params` is the `init_from` path: another run's parameters (only) into a
-new model, by name, with a report of what was loaded, newly initialised and dropped.
-Names are matched in the unrolled layer layout, so either side may use
-`model.scan_layers` (see `model.unscan_params`).
+`load_params_by_name` is the `init_from` path (`workdir.load_pretrained_params` finds the
+state directory): another run's parameters (only) into a new model, by name, with a report
+of what was loaded, newly initialised and dropped. Names are matched in the unrolled layer
+layout, so either side may use `model.scan_layers` (see `model.unscan_params`).
+
+Everything here takes a checkpoint directory or a manager; where those lie in a run
+directory is `workdir.py`'s business.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable
 
 import grain
@@ -38,20 +40,10 @@ from mmelectra import model as model_lib
 STATE, DATA, CONFIG = "state", "data", "config"
 
 
-# --- the run's CheckpointManager --------------------------------------------------------
-def run_path(path: str) -> epath.Path:
-  """A workdir (or a file in one) as a path: local paths absolute, `gs://...` as given."""
-  path = os.fspath(path)
-  return epath.Path(path if "://" in path else os.path.abspath(path))
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.fspath(run_path(workdir) / "checkpoints")
-
-
-def make_manager(workdir: str, max_to_keep: int | None = 3, keep_every: int | None = None,
+# --- the CheckpointManager ---------------------------------------------------------------
+def make_manager(directory: str, max_to_keep: int | None = 3, keep_every: int | None = None,
                  async_save: bool = True) -> ocp.CheckpointManager:
-  """The manager of `WORKDIR/checkpoints`: keeps the last `max_to_keep` checkpoints (None:
+  """A writer's manager of `directory`: keeps the last `max_to_keep` checkpoints (None:
   all) and, when `keep_every` is set, every step divisible by it forever."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, keep_period=keep_every or None, create=True,
@@ -59,7 +51,7 @@ def make_manager(workdir: str, max_to_keep: int | None = 3, keep_every: int | No
       # A run killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`: never listed as a
       # step, and removed when the next run opens the manager.
       cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers={
+  return ocp.CheckpointManager(directory, options=options, item_handlers={
       STATE: ocp.StandardCheckpointHandler(),
       DATA: grain.checkpoint.CheckpointHandler(),
       CONFIG: ocp.JsonCheckpointHandler(),
@@ -83,11 +75,23 @@ def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False, 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
   """Restores the state into arrays with the shardings of `abstract_state`
-  (ShapeDtypeStructs; the mesh may differ from the one that saved it)."""
+  (ShapeDtypeStructs; the mesh may differ from the one that saved it).
+
+  `abstract_state` may hold a part of the state, e.g. `{"params": ...}`: only that part
+  is read (evaluate and export read no optimizer state).
+  """
   check_state_shapes(manager, step, abstract_state)
+  if set(abstract_state) != set(_metadata_tree(_state_dir(manager, step))):
+    return ocp.PyTreeCheckpointer().restore(_state_dir(manager, step), args=ocp.args.PyTreeRestore(
+        item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+        partial_restore=True))
   restored = manager.restore(step, args=ocp.args.Composite(
       **{STATE: ocp.args.StandardRestore(abstract_state)}))
   return restored[STATE]
+
+
+def _state_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  return epath.Path(manager.directory) / str(step) / STATE
 
 
 def one_line_reason(error: BaseException) -> str:
@@ -233,8 +237,10 @@ def check_state_shapes(manager: ocp.CheckpointManager, step: int, abstract_state
   """Raises ValueError naming the first parameter (or state entry) whose saved shape
   differs from the config's, with both shapes, or that only one side has. Reads only
   metadata, so it runs before anything is restored or compiled."""
-  path = epath.Path(manager.directory) / str(step) / STATE
-  saved = flatten_names(_metadata_tree(path))
+  path = _state_dir(manager, step)
+  saved_tree = _metadata_tree(path)
+  # A partial state (parameters only) is checked against that part of the checkpoint.
+  saved = flatten_names({k: v for k, v in saved_tree.items() if k in abstract_state})
   wanted = flatten_names(abstract_state)
   # Parameters first: their names are what a user recognises.
   order = sorted(wanted, key=lambda n: (not n.startswith("params/"), list(wanted).index(n)))
@@ -275,6 +281,15 @@ class InitReport:
             "mismatched": [[n, list(a), list(b)] for n, a, b in self.mismatched],
             "dropped": list(self.dropped)}
 
+  def log(self) -> None:
+    """The counts at WARNING (the first names of what was not loaded), every name at INFO."""
+    def first(names):
+      return f" ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})" if names else ""
+    logging.warning("init_from %s: %d parameters loaded, %d newly initialised%s, %d dropped%s",
+                    self.source, len(self.loaded), len(self.newly_initialised),
+                    first(self.newly_initialised), len(self.dropped), first(self.dropped))
+    logging.info("%s", self.summary())
+
   def summary(self) -> str:
     lines = [f"init_from {self.source}: {len(self.loaded)} parameters loaded, "
              f"{len(self.newly_initialised)} newly initialised, {len(self.dropped)} dropped"]
@@ -286,25 +301,6 @@ class InitReport:
         lines.append(f"  {title}:")
         lines.extend(f"    {n}" for n in names)
     return "\n".join(lines)
-
-
-def resolve_state_dir(path: str) -> epath.Path:
-  """The `state` item directory for `path`: a run's workdir or its `checkpoints/` dir
-  (latest complete checkpoint), a step directory `.../checkpoints/<step>`, or a state
-  directory itself."""
-  p = run_path(path)
-  if not p.exists():
-    raise errors.NotFound(f"init_from: {p} does not exist")
-  if (p / "checkpoints").is_dir():
-    p = p / "checkpoints"
-  if (p / STATE).is_dir():
-    return p / STATE
-  if (p / "_METADATA").exists() or (p / "_sharding").exists():
-    return p
-  steps = ocp.path.step.checkpoint_steps(p)  # complete (committed) steps only
-  if not steps:
-    raise errors.NotFound(f"init_from: no complete checkpoint in {p}")
-  return p / str(max(steps)) / STATE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,14 +327,14 @@ def _replicated_like(leaf) -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def load_pretrained_params(init_from: str, target_params, *,
-                           rename: Callable[[str], str | None] | None = None,
-                           allow_shape_mismatch: bool = False):
-  """Fills `target_params` with the parameters of another run, matched by name.
+def load_params_by_name(state_dir, target_params, *,
+                        rename: Callable[[str], str | None] | None = None,
+                        allow_shape_mismatch: bool = False):
+  """Fills `target_params` with the parameters saved in `state_dir`, matched by name.
 
   Args:
-    init_from: a workdir (its latest complete checkpoint), a `checkpoints/` directory, a
-      step directory `.../checkpoints/<step>`, or its `state` directory.
+    state_dir: a checkpoint's `state` item directory (`workdir.resolve_state_dir` finds it
+      from a workdir or step directory).
     target_params: the new model's initialised parameters (arrays; each loaded parameter
       takes the sharding and dtype of the array it replaces).
     rename: maps a checkpoint parameter name (e.g. "encoder/l_layer_0/attention/query/kernel",
@@ -355,18 +351,37 @@ def load_pretrained_params(init_from: str, target_params, *,
   whether the checkpoint, the target or both use `model.scan_layers`; a stacked
   checkpoint parameter is read whole (replicated) and sliced into its layers.
   """
-  state_dir = resolve_state_dir(init_from)
+  state_dir = epath.Path(state_dir)
+  saved = _saved_params(state_dir)
+  canonical_target = model_lib.unscan_params(target_params)
+  target = flatten_names(canonical_target)
+  source_of, dropped = _match_names(saved, target, rename)
+  loaded, new, mismatched = _compare_shapes(saved, target, source_of, allow_shape_mismatch, state_dir)
+  values = dict(target)
+  values.update(_read_loaded(state_dir, saved, target, source_of, loaded))
+  leaves = [values[n] for n in target]
+  if set(target) != set(flatten_names(target_params)):  # the target uses scan_layers
+    stacked = model_lib.scan_params(jax.tree.unflatten(jax.tree.structure(canonical_target), leaves))
+    leaves = [jax.device_put(v, t.sharding) if isinstance(t, jax.Array) else v
+              for v, t in zip(jax.tree.leaves(stacked), jax.tree.leaves(target_params), strict=True)]
+  report = InitReport(str(state_dir), tuple(loaded), tuple(new), tuple(mismatched), tuple(dropped))
+  logging.info("%s", report.summary())
+  return jax.tree.unflatten(jax.tree.structure(target_params), leaves), report
+
+
+def _saved_params(state_dir: epath.Path) -> dict[str, _SavedParam]:
+  """The checkpoint's parameters by unrolled name (metadata only)."""
   saved_tree = _metadata_tree(state_dir)
   if "params" not in saved_tree:
     raise errors.InvalidInput(f"init_from: {state_dir} holds no 'params' (keys: {sorted(saved_tree)})")
-  saved = flatten_names(model_lib.unscan_params(jax.tree_util.tree_map_with_path(
+  return flatten_names(model_lib.unscan_params(jax.tree_util.tree_map_with_path(
       lambda path, m: _SavedParam("/".join(_key_name(k) for k in path), tuple(m.shape)),
       saved_tree["params"])))
-  canonical_target = model_lib.unscan_params(target_params)
-  target = flatten_names(canonical_target)
-  target_is_scanned = set(target) != set(flatten_names(target_params))
 
-  source_of: dict[str, str] = {}  # target name -> checkpoint name
+
+def _match_names(saved: dict, target: dict, rename) -> tuple[dict[str, str], list[str]]:
+  """(target name -> checkpoint name, the checkpoint names nothing takes)."""
+  source_of: dict[str, str] = {}
   dropped = []
   for name in saved:
     new_name = rename(name) if rename is not None else name
@@ -376,67 +391,57 @@ def load_pretrained_params(init_from: str, target_params, *,
       raise ValueError(f"init_from: rename maps both {source_of[new_name]!r} and {name!r} to {new_name!r}")
     else:
       source_of[new_name] = name
+  return source_of, dropped
+
+
+def _compare_shapes(saved: dict, target: dict, source_of: dict, allow_shape_mismatch: bool,
+                    state_dir) -> tuple[list, list, list]:
+  """(loaded, new, mismatched) target names; a shape mismatch is an error unless allowed."""
   loaded, new, mismatched = [], [], []
   for name, leaf in target.items():
     if name not in source_of:
       new.append(name)
       continue
     saved_shape, shape = tuple(saved[source_of[name]].shape), tuple(np.shape(leaf))
-    if saved_shape != shape:
-      if not allow_shape_mismatch:
-        raise errors.InvalidInput(f"init_from {state_dir}: parameter '{name}' has shape {saved_shape} in the "
-                                  f"checkpoint but {shape} in the model (allow_shape_mismatch=True keeps "
-                                  "such parameters newly initialised)")
+    if saved_shape == shape:
+      loaded.append(name)
+    elif allow_shape_mismatch:
       mismatched.append((name, saved_shape, shape))
     else:
-      loaded.append(name)
-
-  values = dict(target)
-  if loaded:
-    def abstract(leaf):
-      sharding = getattr(leaf, "sharding", None)
-      if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
-
-    wanted = {}  # checkpoint name -> what to restore it as
-    for n in loaded:
-      src = saved[source_of[n]]
-      if src.index is None:
-        wanted[src.name] = abstract(target[n])
-      elif src.name not in wanted:
-        wanted[src.name] = jax.ShapeDtypeStruct(src.saved_shape, target[n].dtype,
-                                                sharding=_replicated_like(target[n]))
-    item = {"params": _unflatten_names(wanted)}
-    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-    restored = flatten_names(restored["params"])
-    for n in loaded:
-      src = saved[source_of[n]]
-      values[n] = (restored[src.name] if src.index is None
-                   else jax.device_put(restored[src.name][src.index], abstract(target[n]).sharding))
-  leaves = [values[n] for n in target]
-  if target_is_scanned:
-    stacked = model_lib.scan_params(jax.tree.unflatten(jax.tree.structure(canonical_target), leaves))
-    leaves = [jax.device_put(v, t.sharding) if isinstance(t, jax.Array) else v
-              for v, t in zip(jax.tree.leaves(stacked), jax.tree.leaves(target_params), strict=True)]
-  treedef = jax.tree.structure(target_params)
-  report = InitReport(str(state_dir), tuple(loaded), tuple(new), tuple(mismatched), tuple(dropped))
-  logging.info("%s", report.summary())
-  return jax.tree.unflatten(treedef, leaves), report
+      raise errors.InvalidInput(f"init_from {state_dir}: parameter '{name}' has shape {saved_shape} in the "
+                                f"checkpoint but {shape} in the model (allow_shape_mismatch=True keeps "
+                                "such parameters newly initialised)")
+  return loaded, new, mismatched
 
 
-def log_init_report(report: InitReport, workdir: str | None = None) -> None:
-  """Logs the report (counts at WARNING, every name at INFO) and, given a workdir, writes
-  it to `WORKDIR/init_from.json`."""
-  logging.warning("init_from %s: %d parameters loaded, %d newly initialised%s, %d dropped%s",
-                  report.source, len(report.loaded), len(report.newly_initialised),
-                  f" ({', '.join(report.newly_initialised[:8])}{', ...' if len(report.newly_initialised) > 8 else ''})"
-                  if report.newly_initialised else "", len(report.dropped),
-                  f" ({', '.join(report.dropped[:8])}{', ...' if len(report.dropped) > 8 else ''})"
-                  if report.dropped else "")
-  if workdir is not None and jax.process_index() == 0:
-    path = run_path(workdir) / "init_from.json"
-    path.write_text(json.dumps(report.to_dict(), indent=2))
-    logging.info("wrote %s", path)
+def _read_loaded(state_dir, saved: dict, target: dict, source_of: dict, loaded: list) -> dict:
+  """The `loaded` target names' values, read in one partial restore, each with its target's
+  sharding (a stacked checkpoint parameter is read replicated and sliced)."""
+  if not loaded:
+    return {}
+
+  def abstract(leaf):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
+
+  wanted = {}  # checkpoint name -> what to restore it as
+  for n in loaded:
+    src = saved[source_of[n]]
+    if src.index is None:
+      wanted[src.name] = abstract(target[n])
+    elif src.name not in wanted:
+      wanted[src.name] = jax.ShapeDtypeStruct(src.saved_shape, target[n].dtype,
+                                              sharding=_replicated_like(target[n]))
+  item = {"params": _unflatten_names(wanted)}
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True))
+  restored = flatten_names(restored["params"])
+  values = {}
+  for n in loaded:
+    src = saved[source_of[n]]
+    values[n] = (restored[src.name] if src.index is None
+                 else jax.device_put(restored[src.name][src.index], abstract(target[n]).sharding))
+  return values

@@ -17,9 +17,9 @@ machine can describe one (it needs libtpu); otherwise it says so and stops.
 
 Compile time grows with the number of layers, which XLA compiles one by one when they are
 unrolled (the default). `--config.model.scan_layers=True` compiles one layer per stack
-(`nn.scan`, as MaxText does): size=base on 8 devices (mesh 1,8,1) compiles in 23 s instead
-of 73 s on a 2-core CPU. Parameter and optimizer-state bytes are the same; XLA plans the
-temporaries differently (for base, 854 MiB instead of 1,400 MiB per device).
+(`nn.scan`, as MaxText does), several times faster for base and large (measured in
+bench/README.md, "Will base and large fit?"). Parameter and optimizer-state bytes are the
+same; XLA plans the temporaries differently.
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ def check(config: ml_collections.ConfigDict, mesh: dict[str, int] | None = None,
 
   from mmelectra import config_lib
   from mmelectra import flops
+  from mmelectra import setup as setup_lib
   from mmelectra import sharding
-  from mmelectra import train
+  from mmelectra import train_step
 
   config = ml_collections.ConfigDict(config.to_dict())
   if mesh is not None:
@@ -124,14 +125,14 @@ def check(config: ml_collections.ConfigDict, mesh: dict[str, int] | None = None,
     orig = sharding.make_mesh
     sharding.make_mesh = lambda cfg, devs=None: orig(cfg, devices)
   try:
-    setup = train.build(config, SPECIAL_IDS)
+    setup = setup_lib.build(config, SPECIAL_IDS)
   finally:
     if devices is not None:
       sharding.make_mesh = orig
-  step = train.make_train_step(setup)
+  step = train_step.make_train_step(setup)
   batch_sh = sharding.batch_sharding(setup.mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
-           for k, v in train.dummy_batch(config, config.batch_size).items()}
+           for k, v in setup_lib.dummy_batch(config, config.batch_size).items()}
   t0 = time.perf_counter()
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     lowered = step.lower(setup.abstract_state, batch)

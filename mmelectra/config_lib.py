@@ -1,12 +1,11 @@
-"""Run-config helpers: derived fields, and the copy of the config kept in a workdir."""
+"""The run config's schema: derived fields (`finalize`), validation (`validate`), and a
+config saved by an earlier version brought to today's schema (`from_saved`). Where the
+config lies in a run directory is `workdir.py`'s business."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
-from etils import epath
 import ml_collections
 
 from mmelectra import errors
@@ -39,91 +38,51 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def save(config: ml_collections.ConfigDict, workdir: str) -> str:
-  path = epath.Path(workdir) / "config.json"
-  path.write_text(config.to_json(indent=2))
-  return os.fspath(path)
-
-
-# What a workdir's config.json says it holds: the key only that kind's config has.
-_KIND_KEYS = {"pretrain": "objective", "finetune": "task"}
-
-
-def workdir_kind(workdir: str) -> str | None:
-  """"pretrain", "finetune", "other" (e.g. a Hugging Face export's config.json), or None
-  where the workdir has no config.json yet."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    return None
-  try:
-    raw = json.loads(path.read_text())
-  except (OSError, ValueError):
-    return "other"
-  for kind, key in _KIND_KEYS.items():
-    if isinstance(raw, dict) and key in raw:
-      return kind
-  return "other"
-
-
-def check_workdir_kind(workdir: str, kind: str) -> None:
-  """Refuses (before anything is written) a workdir that holds another kind of run, or
-  a directory such as a Hugging Face export, whose config.json a run would overwrite."""
-  found = workdir_kind(workdir)
-  if found not in (None, kind):
-    what = {"pretrain": "a pretraining run", "finetune": "a fine-tuning run"}.get(
-        found, "a config.json that is not a mmelectra run's (an export?)")
-    raise errors.InvalidInput(f"--workdir={workdir} holds {what}; a {kind} run there would "
-                              "overwrite it: choose another --workdir")
-
-
-def run_dir(path: str) -> str:
-  """The workdir of `path`: a workdir itself, its `checkpoints/` directory, or a step
-  directory `WORKDIR/checkpoints/<step>` (whose run config is the workdir's)."""
-  p = os.fspath(path)
-  p = p.rstrip("/") if "://" in p else os.path.normpath(p)  # normpath would eat gs://'s "//"
-  candidates = [p]
-  if os.path.basename(p) == "checkpoints":
-    candidates.append(os.path.dirname(p))
-  if os.path.basename(os.path.dirname(p)) == "checkpoints":
-    candidates.append(os.path.dirname(os.path.dirname(p)))
-  for candidate in candidates:
-    if (epath.Path(candidate) / "config.json").exists():
-      return candidate
-  return os.fspath(path)  # `load` names what is missing
-
-
 def upgrade(raw: dict) -> dict:
-  """A run config saved by an earlier version, in today's schema.
+  """A pretraining config saved by an earlier version, its changed fields in today's terms
+  (fields that are only new get today's defaults in `from_saved`):
 
   - `model.generator_tied` (bool) became `model.generator`: `tied`, or `crossmodal`, the
-    only other generator there was then.
-  - `loss_weights.clm`, `.cmoc` (corrective LM/MOC) and `.itc` (contrastive alignment) did
-    not exist: 0, off (`model.contrastive_dim` then unused); nor did
-    `discriminator_mask_fraction` (0: every masked slot replaced) and its hold/decay steps.
+    only other generator there was then (today's default is `per_modality`).
   - `discriminator_region_mask_fraction` split off `discriminator_mask_fraction`, which
     served both words and regions before: an older run's regions keep its value.
   """
   model = raw.get("model", {})
   if "generator" not in model:
     model["generator"] = "tied" if model.pop("generator_tied", False) else "crossmodal"
-  model.setdefault("contrastive_dim", 128)
-  raw.setdefault("discriminator_mask_fraction", 0.0)
-  # One share served words and regions until they got one each.
-  raw.setdefault("discriminator_region_mask_fraction", raw["discriminator_mask_fraction"])
-  raw.setdefault("discriminator_mask_decay_steps", 0)
-  raw.setdefault("discriminator_mask_hold_steps", 0)
-  for name in ("clm", "cmoc", "itc"):
-    raw.get("loss_weights", {}).setdefault(name, 0.0)
+  raw.setdefault("discriminator_region_mask_fraction", raw.get("discriminator_mask_fraction", 0.0))
   return raw
 
 
-def load(workdir: str) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise errors.NotFound(f"{path} not found: is {workdir!r} a mmelectra workdir?")
-  config = ml_collections.ConfigDict(upgrade(json.loads(path.read_text())))
-  config.logical_axis_rules = tuple(
-      (name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in config.logical_axis_rules)
+def defaults_for(raw: dict) -> ml_collections.ConfigDict:
+  """Today's default config of the kind `raw` is: pretraining, or fine-tuning for its task."""
+  from mmelectra_configs import finetune_retrieval, finetune_vqa, pretrain
+
+  if "task" in raw:
+    return {"vqa": finetune_vqa, "retrieval": finetune_retrieval}.get(
+        raw["task"], finetune_vqa).get_config()
+  return pretrain.get_config()
+
+
+def _fill_missing(raw: dict, defaults: dict) -> dict:
+  for key, value in defaults.items():
+    if key not in raw:
+      raw[key] = value
+    elif isinstance(value, dict) and isinstance(raw[key], dict):
+      _fill_missing(raw[key], value)
+  return raw
+
+
+def from_saved(raw: dict) -> ml_collections.ConfigDict:
+  """A config as a run saved it (JSON), in today's schema, locked: renamed fields
+  `upgrade`d, and every field added since filled with today's default, so the rest of
+  the code reads fields directly."""
+  if "task" not in raw:
+    raw = upgrade(raw)
+  config = ml_collections.ConfigDict(_fill_missing(raw, defaults_for(raw).to_dict()))
+  if "logical_axis_rules" in config:
+    config.logical_axis_rules = tuple(
+        (name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in config.logical_axis_rules)
   config.lock()
   return config
 
@@ -164,6 +123,11 @@ _SHARED_RULES = (
     ("batch_size", *_count(1)),
     ("total_steps", *_count(1)),
     ("log_every", *_count(1)),
+    ("checkpoint_every", *_count(1)),
+    ("eval_every", *_count(0)),
+    ("max_checkpoints_to_keep", *_either(_count(1), _one_of(None))),  # None: keep all
+    ("keep_checkpoint_every", *_count(0)),
+    ("max_nonfinite_steps", *_count(0)),
     ("optimizer.learning_rate", *_POSITIVE),
     ("optimizer.head_learning_rate", *_NON_NEGATIVE),
     ("optimizer.warmup_steps", *_count(0)),
@@ -183,11 +147,6 @@ _SHARED_RULES = (
 
 PRETRAIN_RULES = _SHARED_RULES + (
     ("objective", *_one_of("electra", "mlm")),
-    ("checkpoint_every", *_count(1)),
-    ("eval_every", *_count(0)),
-    ("max_checkpoints_to_keep", *_either(_count(1), _one_of(None))),  # None: keep all
-    ("keep_checkpoint_every", *_count(0)),
-    ("max_nonfinite_steps", *_count(0)),
     ("grad_accum_steps", *_count(1)),
     ("text_mask_rate", *_RATE),
     ("region_mask_rate", *_RATE),

@@ -1,4 +1,4 @@
-"""The method as pure functions over arrays: mask, sample, replace, label, loss, metrics.
+"""The method as pure functions over arrays: mask, sample, replace, label, loss.
 
 Every function here is shape-static (XLA friendly), free of model code, and tested
 alone in `tests/test_electra.py`. `objectives.py` strings them together with the model.
@@ -14,6 +14,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from mmelectra import metrics
 
 Array = jax.Array
 
@@ -114,9 +116,9 @@ def argmax(x: Array) -> Array:
 
   Written as a max, then a min over the indices that reach it, with the indices held as
   float32 (exact up to 2**24): XLA on CPU vectorises neither `jnp.argmax` (one reduction
-  over value-index pairs) nor an int32 min-reduction. Over `[192, 30522]` logits this
-  takes 6 ms against 15 ms (`jnp.argmax`) and 22 ms (int32 indices). A row holding NaN
-  gives its last index (`jnp.argmax` gives the NaN's).
+  over value-index pairs) nor an int32 min-reduction (the timings:
+  bench/results/step_throughput/README.md). A row holding NaN gives its last index
+  (`jnp.argmax` gives the NaN's).
   """
   n = x.shape[-1]
   if n > 2**24:
@@ -138,9 +140,9 @@ def gumbel_argmax(rng: Array, logits: Array, temperature: float = 1.0) -> Array:
   cut into blocks of `SAMPLE_BLOCK` (the last one short): a block is drawn by Gumbel-max
   over the blocks' log-masses, then an entry by Gumbel-max within it, so
   P(i) = P(block of i) * P(i | block) = softmax(logits / T)_i, the same distribution.
-  It draws `V / 256 + 256` noise values per row instead of V: threefry's noise for 192
-  rows of 30522 words took 57 ms of a 0.6 s train step on CPU; the two-level draw takes
-  2 ms (`tests/test_electra.py` checks the frequencies).
+  It draws `V / 256 + 256` noise values per row instead of V: threefry's noise for a
+  30522-word vocabulary was a tenth of a CPU train step (bench/results/step_throughput/
+  README.md); `tests/test_electra.py` checks the frequencies.
   """
   logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
   if temperature == 0:
@@ -248,32 +250,8 @@ def itm_pairs(rng: Array, batch_size: int, negative_fraction: float,
 
 
 # --- losses -----------------------------------------------------------------------------
-# Each loss returns (sum, weight) so that losses and metrics aggregate exactly over
-# micro-batches, devices and evaluation batches; the mean is sum / weight.
-def cross_entropy(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
-  logits = logits.astype(jnp.float32)
-  # -log_softmax(logits)[label] as logsumexp minus the label's logit, picked by a one-hot
-  # select: its gradient is two fused elementwise passes, where log_softmax and
-  # take_along_axis materialised the log-probabilities and scattered into zeros the
-  # size of the logits (on CPU, half the time of the MLM head over a 30522-word vocabulary).
-  onehot = labels[..., None].astype(jnp.int32) == jnp.arange(logits.shape[-1], dtype=jnp.int32)
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.where(onehot, logits, 0.0).sum(axis=-1)
-  return (nll * weights).sum(), weights.sum()
-
-
-def sigmoid_cross_entropy(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
-  logits = logits.astype(jnp.float32)
-  loss = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-  return (loss * weights).sum(), weights.sum()
-
-
-def smooth_l1(pred: Array, target: Array, weights: Array, beta: float = 1.0) -> tuple[Array, Array]:
-  """Smooth-L1 summed over the feature axis, weighted per position."""
-  diff = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
-  loss = jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta).sum(axis=-1)
-  return (loss * weights).sum(), weights.sum()
-
-
+# The generic ones (cross-entropy, sigmoid, smooth-L1) and the metric sums are in
+# `metrics.py`; what is the method's own is here.
 def contrastive_terms(text: Array, image: Array, scale: Array, text_valid: Array,
                       image_valid: Array, scores_fn=None) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
   """Symmetric InfoNCE between example b's text and its image (CLIP, ALBEF's ITC).
@@ -295,13 +273,8 @@ def contrastive_terms(text: Array, image: Array, scale: Array, text_valid: Array
   i2t = scores_fn(image[:, None], text, text_valid)[:, 0] * factor
   rows = (text_valid & image_valid).astype(jnp.float32)
   labels = jnp.arange(text.shape[0], dtype=jnp.int32)
-  a, b = cross_entropy(t2i, labels, rows), cross_entropy(i2t, labels, rows)
-  return (a[0] + b[0], a[1] + b[1]), accuracy_sums(argmax(t2i), labels, rows)
-
-
-def mean(pair: tuple[Array, Array]) -> Array:
-  total, weight = pair
-  return total / jnp.maximum(weight, 1e-9)
+  a, b = metrics.cross_entropy(t2i, labels, rows), metrics.cross_entropy(i2t, labels, rows)
+  return (a[0] + b[0], a[1] + b[1]), metrics.accuracy_sums(argmax(t2i), labels, rows)
 
 
 # The patent's five losses (L1-L5), then the optional corrective LM and contrastive
@@ -316,72 +289,3 @@ def weighted_total(losses: dict[str, Array], weights) -> Array:
     if name in losses and float(weights[name]) != 0.0:
       total = total + float(weights[name]) * losses[name]
   return total
-
-
-# --- metrics ----------------------------------------------------------------------------
-# Metrics are sums of (numerator, denominator) pairs plus score histograms for AUC, so
-# they add up across steps and batches; `finalize_metrics` (host side) divides.
-# AUC histograms bin the logit (not the probability: early in training the scores cluster
-# and probability bins would merge them); 0.015 logit resolution over [-15, 15].
-AUC_BINS = 2000
-AUC_LOGIT_RANGE = 15.0
-
-
-def accuracy_sums(pred: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
-  return ((pred == labels).astype(jnp.float32) * weights).sum(), weights.sum()
-
-
-def binary_metric_sums(prefix: str, logits: Array, labels: Array, weights: Array) -> dict:
-  """Accuracy, precision, recall (threshold 0.5) and a score histogram per class for AUC."""
-  pred = (logits > 0).astype(jnp.float32)
-  pos = labels * weights
-  neg = (1 - labels) * weights
-  tp = (pred * pos).sum()
-  scaled = (logits.astype(jnp.float32) + AUC_LOGIT_RANGE) / (2 * AUC_LOGIT_RANGE)
-  bins = jnp.clip(jnp.floor(scaled * AUC_BINS).astype(jnp.int32), 0, AUC_BINS - 1)
-  hist_pos = jnp.zeros(AUC_BINS, jnp.float32).at[bins.ravel()].add(pos.ravel())
-  hist_neg = jnp.zeros(AUC_BINS, jnp.float32).at[bins.ravel()].add(neg.ravel())
-  return {
-      f"{prefix}_acc": accuracy_sums(pred, labels, weights),
-      f"{prefix}_precision": (tp, (pred * weights).sum()),
-      f"{prefix}_recall": (tp, pos.sum()),
-      f"{prefix}_auc": (hist_pos, hist_neg),
-  }
-
-
-def auc_from_histograms(hist_pos, hist_neg) -> float:
-  """ROC AUC from per-bin counts; ties within a bin count one half (Mann-Whitney)."""
-  import numpy as np
-
-  hist_pos = np.asarray(hist_pos, np.float64)
-  hist_neg = np.asarray(hist_neg, np.float64)
-  n_pos, n_neg = hist_pos.sum(), hist_neg.sum()
-  if n_pos == 0 or n_neg == 0:
-    return float("nan")
-  neg_below = np.cumsum(hist_neg) - hist_neg
-  wins = (hist_pos * (neg_below + 0.5 * hist_neg)).sum()
-  return float(wins / (n_pos * n_neg))
-
-
-def add_metric_sums(a: dict | None, b: dict) -> dict:
-  """Adds two metric-sum dicts (host or device arrays)."""
-  if a is None:
-    return b
-  return jax.tree.map(lambda x, y: x + y, a, b)
-
-
-def finalize_metrics(sums: dict) -> dict[str, float]:
-  """Turns accumulated sums into values; a metric with zero denominator is dropped."""
-  import numpy as np
-
-  out = {}
-  for name, (num, den) in sums.items():
-    if name.endswith("_auc"):
-      value = auc_from_histograms(num, den)
-      if not math.isnan(value):
-        out[name] = value
-      continue
-    den = float(np.asarray(den))
-    if den > 0:
-      out[name] = float(np.asarray(num)) / den
-  return out

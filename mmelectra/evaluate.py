@@ -11,8 +11,6 @@ images and captions of the split against each other with the ITM head.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import flax.linen as nn
@@ -20,26 +18,18 @@ import jax
 from etils import epath
 import numpy as np
 from absl import logging
-import orbax.checkpoint as ocp
-from tensorboardX import SummaryWriter
 
-from mmelectra import checkpoint
-from mmelectra import config_lib
-from mmelectra import electra
 from mmelectra import errors
+from mmelectra import metrics as metrics_lib
 from mmelectra import model as model_lib
 from mmelectra import objectives
 from mmelectra import retrieval
+from mmelectra import setup as setup_lib
 from mmelectra import sharding
-from mmelectra import train
-from mmelectra.data import pipeline
-
-# Defaults for workdirs whose saved config predates these fields.
-DEFAULT_RETRIEVAL_POOL = 1000
-DEFAULT_RETRIEVAL_PAIRS_PER_CALL = 2048
+from mmelectra import workdir as workdir_lib
 
 
-def make_eval_step(setup: train.Setup):
+def make_eval_step(setup: setup_lib.Setup):
   """jit(params, batch, rng) -> metric sums of the objective, without dropout."""
 
   def eval_step(params, batch, rng):
@@ -49,33 +39,32 @@ def make_eval_step(setup: train.Setup):
   return jax.jit(eval_step)
 
 
-def evaluate_params(setup: train.Setup, params, split: str, num_batches: int = -1,
-                    eval_step=None) -> dict:
+def evaluate_params(setup: setup_lib.Setup, data: setup_lib.DataContext, params, split: str,
+                    num_batches: int = -1, eval_step=None) -> dict:
   config = setup.config
   batch_size = config.eval.batch_size
   if batch_size % (jax.process_count() * sharding.data_parallel_size(setup.mesh)):
     raise errors.InvalidInput(f"config.eval.batch_size={batch_size} must be divisible by the data-parallel size")
   eval_step = eval_step or make_eval_step(setup)
-  data = pipeline.make_iterator(
-      config.data, split, batch_size=batch_size // jax.process_count(), seed=config.seed,
-      shuffle=False, num_epochs=1, drop_remainder=False,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  batches = data.iterator(split, batch_size=batch_size // jax.process_count(), seed=config.seed,
+                          shuffle=False, num_epochs=1, drop_remainder=False,
+                          process_index=jax.process_index(), process_count=jax.process_count())
   base = jax.random.key(config.seed + 1)
   total = None
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    for i, batch in enumerate(data):
+    for i, batch in enumerate(batches):
       if 0 <= num_batches <= i:
         break
-      sums = eval_step(params, train.to_global(batch, setup.mesh), jax.random.fold_in(base, i))
-      total = electra.add_metric_sums(total, sums)
+      sums = eval_step(params, setup_lib.to_global(batch, setup.mesh), jax.random.fold_in(base, i))
+      total = metrics_lib.add_metric_sums(total, sums)
   if total is None:
     raise errors.InvalidInput(f"split {split!r} of {config.data.name} yielded no batch")
-  metrics = electra.finalize_metrics(jax.device_get(total))
+  metrics = metrics_lib.finalize_metrics(jax.device_get(total))
   metrics["num_examples"] = float(jax.device_get(total["itm_acc"][1]))
   return metrics
 
 
-def read_pool(data_cfg, split: str, size: int) -> tuple[dict, dict, np.ndarray]:
+def read_pool(data: setup_lib.DataContext, split: str, size: int) -> tuple[dict, dict, np.ndarray]:
   """(texts, images, text_to_image) of the split's first `size` distinct images, in order.
 
   Every caption of those images is a text (corpora with several captions per image give
@@ -84,9 +73,9 @@ def read_pool(data_cfg, split: str, size: int) -> tuple[dict, dict, np.ndarray]:
   """
   chunks = []
   seen: dict[int, int] = {}
-  data = pipeline.make_iterator(data_cfg, split, batch_size=min(size, 256), seed=0, shuffle=False,
-                                num_epochs=1, drop_remainder=False)
-  for batch in data:
+  batches = data.iterator(split, batch_size=min(size, 256), seed=0, shuffle=False, num_epochs=1,
+                          drop_remainder=False)
+  for batch in batches:
     keep = batch["example_mask"].astype(bool)
     chunks.append({k: v[keep] for k, v in batch.items()})
     for image_id in batch["image_id"][keep]:
@@ -95,7 +84,7 @@ def read_pool(data_cfg, split: str, size: int) -> tuple[dict, dict, np.ndarray]:
     if len(seen) >= size and int(batch["image_id"][keep][-1]) not in seen:
       break  # past the pool's last image (captions of one image are consecutive)
   if not chunks:
-    raise errors.InvalidInput(f"split {split!r} of {data_cfg.name} yielded no example")
+    raise errors.InvalidInput(f"split {split!r} of {data.config.data.name} yielded no example")
   examples = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
   in_pool = np.array([int(i) in seen for i in examples["image_id"]])
   texts = {k: v[in_pool] for k, v in examples.items()}
@@ -105,17 +94,11 @@ def read_pool(data_cfg, split: str, size: int) -> tuple[dict, dict, np.ndarray]:
   return texts, images, text_to_image
 
 
-def zero_shot_retrieval(setup: train.Setup, params, split: str, pool_size: int,
-                        pairs_per_call: int = DEFAULT_RETRIEVAL_PAIRS_PER_CALL, scorer=None) -> dict:
-  """t2i/i2t R@1/5/10 over the split's first `pool_size` images and their captions."""
-  return pool_retrieval(setup.model, setup.mesh, setup.rules, params, setup.config.data, split,
-                        pool_size, pairs_per_call, scorer)
-
-
-def pool_retrieval(model, mesh, rules, params, data_cfg, split: str, pool_size: int,
-                   pairs_per_call: int, scorer=None) -> dict:
-  """Retrieval metrics of `params` (any tree holding the deployed parameters)."""
-  texts, images, text_to_image = read_pool(data_cfg, split, pool_size)
+def pool_retrieval(model, mesh, rules, params, data: setup_lib.DataContext, split: str,
+                   pool_size: int, pairs_per_call: int, scorer=None) -> dict:
+  """t2i/i2t R@1/5/10 of `params` (any tree holding the deployed parameters) over the
+  split's first `pool_size` images and their captions."""
+  texts, images, text_to_image = read_pool(data, split, pool_size)
   scorer = scorer or retrieval.make_block_scorer(model, mesh, rules)
   scores = retrieval.score_all_pairs(scorer, model_lib.deployed_params(params), texts, images,
                                      pairs_per_call, dp=sharding.data_parallel_size(mesh))
@@ -125,138 +108,73 @@ def pool_retrieval(model, mesh, rules, params, data_cfg, split: str, pool_size: 
   return metrics
 
 
-def _eval_cfg(config, key: str, default):
-  return config.eval[key] if key in config.eval else default
-
-
 class CheckpointEvaluator:
   """Every metric of a checkpoint; compiles its functions once for all checkpoints."""
 
-  def __init__(self, setup: train.Setup, workdir: str):
-    self.setup, self.workdir = setup, workdir
+  def __init__(self, setup: setup_lib.Setup, data: setup_lib.DataContext, workdir: str):
+    self.setup, self.data, self.workdir = setup, data, workdir
     self.eval_step = make_eval_step(setup)
     self.scorer = retrieval.make_block_scorer(setup.model, setup.mesh, setup.rules)
 
-  def __call__(self, manager, step: int, split: str, params=None) -> dict:
-    """Restores `step` (unless its `params` are given), computes the metrics, writes
-    `eval/step_<N>.json` and TB events."""
+  def __call__(self, manager, step: int, split: str) -> dict:
+    """Restores the parameters of `step` and evaluates them (`evaluate`)."""
+    _, params = workdir_lib.restore_params(manager, self.setup.abstract_params, step)
+    return self.evaluate(step, split, params)
+
+  def evaluate(self, step: int, split: str, params: dict) -> dict:
+    """The metrics of `params` ({"params": ...}) on `split`; writes `eval/step_<N>.json`
+    and TensorBoard events."""
     config = self.setup.config
-    if params is None:
-      params = checkpoint.restore(manager, step, self.setup.abstract_state)["params"]
-    metrics = evaluate_params(self.setup, params, split, config.eval.num_batches, self.eval_step)
-    pool = _eval_cfg(config, "retrieval_pool", DEFAULT_RETRIEVAL_POOL)
-    if pool > 0:
-      metrics.update(zero_shot_retrieval(
-          self.setup, params, split, pool,
-          _eval_cfg(config, "retrieval_pairs_per_call", DEFAULT_RETRIEVAL_PAIRS_PER_CALL),
-          self.scorer))
+    params = params["params"]
+    metrics = evaluate_params(self.setup, self.data, params, split, config.eval.num_batches,
+                              self.eval_step)
+    if config.eval.retrieval_pool > 0:
+      metrics.update(pool_retrieval(self.setup.model, self.setup.mesh, self.setup.rules, params,
+                                    self.data, split, config.eval.retrieval_pool,
+                                    config.eval.retrieval_pairs_per_call, self.scorer))
     metrics = {"step": step, "split": split, **metrics}
     if jax.process_index() == 0:
-      write_results(self.workdir, step, metrics)
+      workdir_lib.write_eval_results(self.workdir, step, metrics)
     return metrics
 
 
-def eval_json_path(workdir: str, step: int) -> str:
-  return os.fspath(epath.Path(workdir) / "eval" / f"step_{step}.json")
+def open_run(workdir: str) -> tuple[setup_lib.Setup, setup_lib.DataContext]:
+  """The setup and data context of a trained run (its data set built if missing)."""
+  data = setup_lib.prepare_data(workdir_lib.load_config(workdir))
+  return setup_lib.build(data.config, data.special_ids), data
 
 
-def write_results(workdir: str, step: int, metrics: dict) -> None:
-  path = epath.Path(eval_json_path(workdir, step))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-  tmp.replace(path)  # a reader never sees half a file; evaluating again overwrites
-  tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard" / "eval"))
-  for key, value in sorted(metrics.items()):
-    if isinstance(value, (int, float)) and key != "step":
-      tb.add_scalar(key, value, step)
-  tb.close()
-  logging.info("wrote %s", path)
-
-
-def _setup_for(workdir: str) -> train.Setup:
-  config, special_ids = train.prepare_data_and_config(config_lib.load(workdir))
-  return train.build(config, special_ids)
-
-
-def _read_manager(workdir: str):
-  # Read-only: an evaluator must never make or delete anything in the trainer's run.
-  directory = checkpoint.checkpoint_dir(workdir)
-  if not epath.Path(directory).is_dir():
-    raise errors.NotFound(f"no checkpoint directory {directory}")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  return ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir), options=options)
-
-
-def _available_steps(manager, workdir: str) -> list[int]:
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise errors.NotFound(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
-  return steps
-
-
-def restore_workdir(workdir: str, step: int | None = None,
-                    strict: bool = False) -> tuple[train.Setup, int, dict]:
-  """(setup, step, train state) of a checkpoint of `workdir` (by default the newest that
-  reads: an unreadable newest one is skipped with a warning, or an error if `strict`).
-
-  Builds the workdir's data set if missing (the config needs it); shared by every command
-  that reads a trained run (evaluate, export).
-  """
-  setup = _setup_for(workdir)
-  manager = _read_manager(workdir)
-  step, state = _restore(manager, workdir, step, setup, strict)
+def restore_workdir(workdir: str, step: int | None = None, strict: bool = False
+                    ) -> tuple[setup_lib.Setup, setup_lib.DataContext, int, dict]:
+  """(setup, data, step, {"params": ...}) of a checkpoint of `workdir` (by default the
+  newest that reads: an unreadable newest one is skipped with a warning, or an error if
+  `strict`). Only the parameters are restored; every command that reads a trained run
+  (evaluate, export) comes here."""
+  setup, data = open_run(workdir)
+  manager = workdir_lib.read_only_manager(workdir)
+  step, params = workdir_lib.restore_params(manager, setup.abstract_params, step, strict)
   manager.close()
-  return setup, step, state
-
-
-def _restore(manager, workdir: str, step: int | None, setup: train.Setup, strict: bool):
-  if step is None:
-    _available_steps(manager, workdir)  # names the workdir when it has none
-    return checkpoint.restore_newest_readable(manager, setup.abstract_state, strict=strict)
-  step = _checked_step(manager, workdir, step)
-  return step, checkpoint.restore(manager, step, setup.abstract_state)
-
-
-def _checked_step(manager, workdir: str, step: int | None) -> int:
-  available = _available_steps(manager, workdir)
-  step = available[-1] if step is None else step
-  if step not in available:
-    raise errors.NotFound(f"no checkpoint for step {step} in {checkpoint.checkpoint_dir(workdir)}; "
-                          f"available: {available}")
-  return step
+  return setup, data, step, params
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = None,
                      strict: bool = False) -> tuple[int, dict]:
   """Evaluates a checkpoint of `workdir` (the newest readable by default, see
   `restore_workdir`) and writes `eval/step_<N>.json`."""
-  setup = _setup_for(workdir)
-  manager = _read_manager(workdir)
-  step, state = _restore(manager, workdir, step, setup, strict)
-  metrics = CheckpointEvaluator(setup, workdir)(manager, step, split or setup.config.eval.split,
-                                                params=state["params"])
-  manager.close()
-  return step, metrics
+  setup, data, step, params = restore_workdir(workdir, step, strict)
+  evaluator = CheckpointEvaluator(setup, data, workdir)
+  return step, evaluator.evaluate(step, split or setup.config.eval.split, params)
 
 
 def evaluate_all_steps(workdir: str, split: str | None = None) -> list[tuple[int, dict]]:
   """Evaluates every checkpoint of `workdir`, oldest first (`mmelectra evaluate --all`)."""
-  setup = _setup_for(workdir)
-  manager = _read_manager(workdir)
+  setup, data = open_run(workdir)
+  manager = workdir_lib.read_only_manager(workdir)
   split = split or setup.config.eval.split
-  evaluator = CheckpointEvaluator(setup, workdir)
-  results = [(s, evaluator(manager, s, split))
-             for s in _available_steps(manager, workdir)]
+  evaluator = CheckpointEvaluator(setup, data, workdir)
+  results = [(s, evaluator(manager, s, split)) for s in workdir_lib.checkpoint_steps(manager)]
   manager.close()
   return results
-
-
-def _already_evaluated(workdir: str, step: int, split: str) -> bool:
-  try:
-    return json.loads(epath.Path(eval_json_path(workdir, step)).read_text()).get("split") == split
-  except (OSError, ValueError):
-    return False
 
 
 def watch_workdir(workdir: str, split: str | None = None, poll_seconds: float = 30.0,
@@ -275,25 +193,25 @@ def watch_workdir(workdir: str, split: str | None = None, poll_seconds: float = 
   def idle() -> bool:
     return idle_timeout > 0 and time.monotonic() - last_news > idle_timeout
 
-  while not (epath.Path(workdir) / "config.json").exists():
+  while not (epath.Path(workdir) / workdir_lib.CONFIG_JSON).exists():
     if idle():
       return []
     time.sleep(poll_seconds)
-  setup = _setup_for(workdir)
+  setup, data = open_run(workdir)
   split = split or setup.config.eval.split
   final_step = setup.config.total_steps
-  evaluator = CheckpointEvaluator(setup, workdir)
+  evaluator = CheckpointEvaluator(setup, data, workdir)
   done, failures, evaluated = set(), {}, []
   manager = None
   while True:
-    if manager is None and epath.Path(checkpoint.checkpoint_dir(workdir)).is_dir():
-      manager = _read_manager(workdir)
+    if manager is None and epath.Path(workdir_lib.checkpoint_dir(workdir)).is_dir():
+      manager = workdir_lib.read_only_manager(workdir)
     steps = []
     if manager is not None:
       manager.reload()
       steps = sorted(s for s in manager.all_steps() if s not in done)
     for step in steps:
-      if _already_evaluated(workdir, step, split):
+      if workdir_lib.already_evaluated(workdir, step, split):
         done.add(step)
         continue
       try:

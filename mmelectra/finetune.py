@@ -2,8 +2,9 @@
 
 config -> the pretraining run's model, data and tokenizer (`config.init_from`) -> the
 deployed parameters (docs/method.md §11: embeddings, encoder, pooler, ITM head; generator
-and RTD/R2D heads dropped) loaded by name, plus a task head -> one jitted step -> loop
--> test metrics in `WORKDIR/eval/step_<N>.json`.
+and RTD/R2D heads dropped) loaded by name, plus a task head -> one jitted step -> the loop
+pretraining uses (`loop.py`: checkpoints, resume, preemption, the non-finite guard) ->
+test metrics in `WORKDIR/eval/step_<N>.json`.
 
 Tasks:
   vqa        `VQAHead` on the pooled output; VQA soft-score BCE (or cross-entropy on the
@@ -25,29 +26,27 @@ import dataclasses
 import functools
 import json
 import os
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
-from mmelectra import checkpoint
 from mmelectra import config_lib
-from mmelectra import electra
 from mmelectra import errors
 from mmelectra import evaluate
+from mmelectra import loop
+from mmelectra import metrics as metrics_lib
 from mmelectra import model as model_lib
 from mmelectra import optim
+from mmelectra import setup as setup_lib
 from mmelectra import sharding
-from mmelectra import train
+from mmelectra import workdir as workdir_lib
 from mmelectra.data import bad_records
-from mmelectra.data import pipeline
+from mmelectra.data import batch as batch_lib
 from mmelectra.data import synthetic_vqa
 from mmelectra.data import vqa as vqa_data
-from mmelectra.metric_writer import MetricWriter
 from mmelectra.model import MMElectra
 
 TASKS = ("vqa", "retrieval")
@@ -56,25 +55,17 @@ TASK_HEAD = {"vqa": "vqa_head", "retrieval": "itm_head"}
 
 # --- the task head ------------------------------------------------------------------------
 class VQAHead(nn.Module):
-  """LXMERT's answer classifier: dense(2h) + GELU + LayerNorm + dense(answers)."""
+  """LXMERT's answer classifier: dense(2h) + GELU + LayerNorm + dense(answers), with the
+  encoder's initializers (model.dense, model.layer_norm)."""
 
-  hidden_size: int
+  enc: model_lib.EncoderConfig
   num_answers: int
-  layer_norm_eps: float = 1e-12
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, pooled):
-    init = lambda names: nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
-    zeros = lambda names: nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-    h = nn.Dense(2 * self.hidden_size, dtype=self.dtype, name="dense",
-                 kernel_init=init(("hidden", "mlp")), bias_init=zeros(("mlp",)))(pooled)
-    h = model_lib.gelu(h)
-    h = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm",
-                     scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                     bias_init=zeros(("norm",)))(h)
-    out = nn.Dense(self.num_answers, dtype=self.dtype, name="logits",
-                   kernel_init=init(("mlp", "classes")), bias_init=zeros(("classes",)))(h)
+    h = model_lib.dense(2 * self.enc.hidden_size, "hidden", "mlp", self.enc.dtype, "dense")(pooled)
+    h = model_lib.layer_norm(self.enc, "layer_norm")(model_lib.gelu(h))
+    out = model_lib.dense(self.num_answers, "mlp", "classes", self.enc.dtype, "logits")(h)
     return out.astype(jnp.float32)
 
 
@@ -146,31 +137,36 @@ class Task:
   """Everything the step and the evaluation need, built from the configs."""
 
   config: object  # the fine-tuning config
-  pre_config: object  # the pretraining run's finalized config (model, data)
+  data: setup_lib.DataContext  # the pretraining run's finalized config, data and tokenizer
   model: MMElectra  # deployed model: no generator, no pretraining heads
   head: VQAHead | None
   answers: list[str]
   mesh: jax.sharding.Mesh
   rules: tuple
 
+  @property
+  def pre_config(self):
+    return self.data.config
 
-def _backbone(params):
-  return {k: v for k, v in params.items() if k in model_lib.DEPLOYED_PARAM_PREFIXES}
+  def answer_ids(self) -> dict[str, int]:
+    return {a: i for i, a in enumerate(self.answers)}
 
 
 def pooled_output(task: Task, params, batch, deterministic: bool, rng=None, index=None):
   """Pooled output of the pairs (text index[0], image index[1]) (default: the batch as is)."""
   t, i = (slice(None), slice(None)) if index is None else index
   rngs = {} if rng is None else {"dropout": rng}
+  text = {k: batch[k][t] for k in batch_lib.TEXT_KEYS}
+  image = {k: batch[k][i] for k in batch_lib.IMAGE_KEYS}
   _, _, pooled = task.model.apply(
-      {"params": _backbone(params)}, batch["text_ids"][t], batch["text_mask"][t],
-      batch["region_feats"][i], batch["region_boxes"][i], batch["region_mask"][i], deterministic,
-      method=MMElectra.encode, rngs=rngs)
+      {"params": model_lib.deployed_params(params)}, *batch_lib.model_inputs({**text, **image}),
+      deterministic, method=MMElectra.encode, rngs=rngs)
   return pooled
 
 
 def itm_logits(task: Task, params, pooled):
-  return task.model.apply({"params": _backbone(params)}, pooled, method=MMElectra.itm_logits)
+  return task.model.apply({"params": model_lib.deployed_params(params)}, pooled,
+                          method=MMElectra.itm_logits)
 
 
 def vqa_logits(task: Task, params, batch, deterministic: bool, rng=None):
@@ -237,9 +233,9 @@ def retrieval_losses(task: Task, params, batch, rng, deterministic: bool = False
   w = jnp.concatenate([valid, valid * has_img, valid * has_txt])
   pooled = pooled_output(task, params, batch, deterministic, rng_drop, index=(texts, images))
   logits = itm_logits(task, params, pooled)
-  ce = electra.cross_entropy(logits, labels, w)
-  loss = electra.mean(ce)
-  sums = {"loss": ce, "itm_acc": electra.accuracy_sums(jnp.argmax(logits, -1), labels, w)}
+  ce = metrics_lib.cross_entropy(logits, labels, w)
+  loss = metrics_lib.mean(ce)
+  sums = {"loss": ce, "itm_acc": metrics_lib.accuracy_sums(jnp.argmax(logits, -1), labels, w)}
   return loss, sums
 
 
@@ -254,37 +250,35 @@ def build_task(config, tally=None) -> tuple[Task, dict]:
                               "tokenizer); with config.init_mode='random' only its architecture is used")
   # init_from may name one checkpoint (`WORKDIR/checkpoints/<step>`): the run's config is
   # its workdir's; `init_params` loads that step's parameters.
-  pre_config, _ = train.prepare_data_and_config(config_lib.load(config_lib.run_dir(config.init_from)))
-  mcfg = model_lib.model_config_from(pre_config)
+  pre = setup_lib.prepare_data(workdir_lib.load_config(workdir_lib.run_dir(config.init_from)))
+  mcfg = model_lib.model_config_from(pre.config)
   enc = mcfg.encoder
   if config.dropout_rate >= 0:
     enc = dataclasses.replace(enc, dropout_rate=config.dropout_rate,
                               attention_dropout_rate=config.dropout_rate)
-  # .get: fine-tuning configs saved before the option existed lack the field.
-  if config.get("scan_layers", -1) >= 0:
+  if config.scan_layers >= 0:
     enc = dataclasses.replace(enc, scan_layers=bool(config.scan_layers))
   model = MMElectra(dataclasses.replace(mcfg, encoder=enc, generator=None))
   data = {}
   answers, head = [], None
   if config.task == "vqa":
     for split in (config.vqa.train_split, config.vqa.test_split):
-      data[split] = vqa_data.load_examples(config.vqa, pre_config.data, split, tally)
+      data[split] = vqa_data.load_examples(config.vqa, pre.config.data, split, tally)
     answers = vqa_data.answer_vocabulary(data[config.vqa.train_split][0], config.vqa.num_answers)
-    head = VQAHead(enc.hidden_size, len(answers), enc.layer_norm_eps, enc.dtype)
-  task = Task(config, pre_config, model, head, answers, sharding.make_mesh(config),
-              sharding.axis_rules(pre_config))
+    head = VQAHead(enc, len(answers))
+  task = Task(config, pre, model, head, answers, sharding.make_mesh(config),
+              sharding.axis_rules(pre.config))
   return task, data
 
 
 def _init_params(rng, task: Task):
-  b = train.dummy_batch(task.pre_config, 2)
+  b = setup_lib.dummy_batch(task.pre_config, 2)
 
   def backbone(m, *inputs):
     return m.itm_logits(m.encode(*inputs, True)[2])
 
   rng_b, rng_h = jax.random.split(rng)
-  params = dict(task.model.init(rng_b, b["text_ids"], b["text_mask"], b["region_feats"],
-                                b["region_boxes"], b["region_mask"], method=backbone)["params"])
+  params = dict(task.model.init(rng_b, *batch_lib.model_inputs(b), method=backbone)["params"])
   if task.head is not None:
     params["vqa_head"] = task.head.init(rng_h, jnp.zeros((2, task.model.cfg.encoder.hidden_size)))["params"]
   return params
@@ -299,7 +293,7 @@ def init_params(task: Task, seed: int):
     params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(seed))
   report = None
   if task.config.init_mode == "pretrained":
-    params, report = checkpoint.load_pretrained_params(task.config.init_from, params)
+    params, report = workdir_lib.load_pretrained_params(task.config.init_from, params)
   elif task.config.init_mode != "random":
     raise errors.InvalidInput(f"config.init_mode must be 'pretrained' or 'random', got {task.config.init_mode!r}")
   return params, shardings, report
@@ -308,9 +302,8 @@ def init_params(task: Task, seed: int):
 # --- evaluation ---------------------------------------------------------------------------
 def evaluate_vqa(task: Task, params, examples, source, split: str) -> dict:
   config = task.config
-  tok = pipeline.load_tokenizer(task.pre_config.data)
-  read = vqa_data.ReadVQAExample(examples, source, tok, task.pre_config.data,
-                                 {a: i for i, a in enumerate(task.answers)})
+  read = vqa_data.ReadVQAExample(examples, source, task.data.tokenizer, task.pre_config.data,
+                                 task.answer_ids())
   data = vqa_data.make_iterator(read, batch_size=config.eval.batch_size, seed=0, shuffle=False,
                                 num_epochs=1, drop_remainder=False)
   predict = jax.jit(lambda p, b: jnp.argmax(vqa_logits(task, p, b, True), -1))
@@ -318,7 +311,7 @@ def evaluate_vqa(task: Task, params, examples, source, split: str) -> dict:
   with jax.set_mesh(task.mesh), nn.logical_axis_rules(task.rules):
     for batch in data:
       keep = batch["example_mask"]
-      preds.append(np.asarray(predict(params, train.to_global(batch, task.mesh)))[keep])
+      preds.append(np.asarray(predict(params, setup_lib.to_global(batch, task.mesh)))[keep])
   preds = np.concatenate(preds)
   acc = np.array([vqa_data.vqa_accuracy(e["answers"], task.answers[p]) for e, p in zip(examples, preds)])
   metrics = {"vqa_acc": float(acc.mean()), "num_examples": len(acc)}
@@ -330,110 +323,93 @@ def evaluate_vqa(task: Task, params, examples, source, split: str) -> dict:
 
 
 def evaluate_retrieval(task: Task, params, split: str) -> dict:
-  return evaluate.pool_retrieval(task.model, task.mesh, task.rules, params, task.pre_config.data,
-                                 split, task.config.eval.retrieval_pool,
+  return evaluate.pool_retrieval(task.model, task.mesh, task.rules, params, task.data, split, task.config.eval.retrieval_pool,
                                  task.config.eval.retrieval_pairs_per_call)
 
 
-# --- the loop -----------------------------------------------------------------------------
+def evaluate_task(task: Task, params, data: dict, split: str, step: int) -> dict:
+  """The task's test metrics of `params` at `step`, as written to `eval/step_<N>.json`."""
+  config = task.config
+  if config.task == "vqa":
+    examples, source = (data[split] if split in data
+                        else vqa_data.load_examples(config.vqa, task.pre_config.data, split))
+    results = evaluate_vqa(task, params, examples, source, split)
+  else:
+    results = evaluate_retrieval(task, params, split)
+  return {"step": step, "split": split, "task": config.task, "init_mode": config.init_mode, **results}
+
+
+# --- the run ------------------------------------------------------------------------------
+def _make_step(task: Task, tx, schedule):
+  loss_fn = vqa_losses if task.config.task == "vqa" else retrieval_losses
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, task), has_aux=True)
+  base_rng = jax.random.key(task.config.seed)
+
+  def step_fn(state, batch):
+    (_, sums), grads = grad_fn(state["params"], batch, jax.random.fold_in(base_rng, state["step"]))
+    return loop.guarded_update(tx, schedule, state, grads, sums)
+
+  return jax.jit(step_fn, donate_argnums=0)
+
+
+def _train_iterator(task: Task, data: dict):
+  config = task.config
+  shard = dict(batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+               shuffle=True, process_index=jax.process_index(), process_count=jax.process_count())
+  if config.task == "vqa":
+    examples, source = data[config.vqa.train_split]
+    read = vqa_data.ReadVQAExample(examples, source, task.data.tokenizer, task.pre_config.data,
+                                   task.answer_ids())
+    return vqa_data.make_iterator(read, num_epochs=None, drop_remainder=True, **shard)
+  return task.data.iterator(config.retrieval.train_split, **shard)
+
+
 def finetune(config, workdir: str) -> dict:
-  """Fine-tunes for `config.total_steps` steps; returns the test metrics.
+  """Fine-tunes for `config.total_steps` steps and returns the test metrics; resumes from
+  the workdir's newest readable checkpoint. A run stopped by SIGTERM saves and returns
+  `{"step": N, "preempted": True}`; rerun the same command to finish it.
 
   The config and the data (every line of VQA JSONL files, train and test) are checked
   before anything is written into `workdir`.
   """
   config_lib.validate(config, config_lib.FINETUNE_RULES)
-  config_lib.check_workdir_kind(workdir, "finetune")
+  workdir_lib.check_kind(workdir, "finetune")
   tally = bad_records.Tally(config.vqa.on_bad_record) if config.task == "vqa" else None
   task, data = build_task(config, tally)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    config_lib.save(config, workdir)
+    workdir_lib.save_config(config, workdir)
     if tally is not None:
       bad_records.write_report(tally, workdir)
-  params, shardings, report = init_params(task, config.seed)
-  if report is not None and jax.process_index() == 0:
-    with open(os.path.join(workdir, "init_report.json"), "w") as f:
-      json.dump(report.to_dict(), f, indent=2)
-    logging.info("%s", report.summary())
-  tx, schedule = make_optimizer(config, params, task.model.cfg.encoder)
-  opt_state = jax.jit(tx.init)(params)
-
-  loss_fn = vqa_losses if config.task == "vqa" else retrieval_losses
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, task), has_aux=True)
-  base_rng = jax.random.key(config.seed)
-
-  def step_fn(state, batch):
-    (_, sums), grads = grad_fn(state["params"], batch, jax.random.fold_in(base_rng, state["step"]))
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    sums = dict(sums)
-    sums["grad_norm"] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
-    sums["learning_rate"] = (schedule(state["step"]), jnp.ones((), jnp.float32))
-    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-            "opt": opt}, sums
-
-  step_fn = jax.jit(step_fn, donate_argnums=0)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt_state}
-
-  local_batch = config.batch_size // jax.process_count()
-  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if config.task == "vqa":
-    train_examples, train_source = data[config.vqa.train_split]
-    read = vqa_data.ReadVQAExample(train_examples, train_source, pipeline.load_tokenizer(task.pre_config.data),
-                                   task.pre_config.data, {a: i for i, a in enumerate(task.answers)})
-    data_iter = vqa_data.make_iterator(read, batch_size=local_batch, seed=config.seed, shuffle=True,
-                                       num_epochs=None, drop_remainder=True, **shard)
-    if jax.process_index() == 0:
+    if config.task == "vqa":
       with open(os.path.join(workdir, "answers.json"), "w") as f:
         json.dump(task.answers, f)
-  else:
-    data_iter = pipeline.make_iterator(task.pre_config.data, config.retrieval.train_split,
-                                       batch_size=local_batch, seed=config.seed, shuffle=True, **shard)
+  params, _, report = init_params(task, config.seed)
+  tx, schedule = make_optimizer(config, params, task.model.cfg.encoder)
+  keys = batch_lib.VQA_KEYS if config.task == "vqa" else batch_lib.RETRIEVAL_KEYS
+  latest = {}  # the newest evaluation's results (the loop's, every eval_every steps)
+  run = loop.Run(
+      workdir=workdir, config=config, mesh=task.mesh, rules=task.rules,
+      step_fn=_make_step(task, tx, schedule), data_iter=_train_iterator(task, data),
+      to_device=lambda b: setup_lib.to_global(batch_lib.select(b, keys), task.mesh),
+      evaluate=lambda step, params: latest.update(_write_results(
+          workdir, evaluate_task(task, params, data, config.eval.split, step))))
+  fresh = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": jax.jit(tx.init)(params)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), fresh)
+  manager = loop.open_manager(run)
+  state, resumed = loop.restore_or_init(run, manager, abstract, lambda: fresh)
+  if resumed is None and report is not None:
+    workdir_lib.write_init_report(report, workdir)
+  state, _, preempted = loop.run_loop(run, manager, state)
+  step = int(jax.device_get(state["step"]))
+  if preempted:
+    return {"step": step, "preempted": True}
+  if latest.get("step") == step:
+    return latest
+  return _write_results(workdir, evaluate_task(task, state["params"], data, config.eval.split, step))
 
-  writer = MetricWriter(workdir, total_steps=config.total_steps)
-  window, t0, last = [], None, {}
-  with jax.set_mesh(task.mesh), nn.logical_axis_rules(task.rules):
-    for step in range(1, config.total_steps + 1):
-      batch = next(data_iter)
-      batch = train.to_global({k: batch[k] for k in _TRAIN_KEYS[config.task] if k in batch}, task.mesh)
-      state, sums = step_fn(state, batch)
-      window.append(sums)
-      if t0 is None:
-        jax.block_until_ready(state["step"])
-        t0, n0 = time.perf_counter(), step
-      if step % config.log_every == 0 or step == config.total_steps:
-        total = None
-        for s in jax.device_get(window):
-          total = electra.add_metric_sums(total, s)
-        metrics = electra.finalize_metrics(total)
-        if step > n0:
-          metrics["examples_per_sec"] = (step - n0) * config.batch_size / (time.perf_counter() - t0)
-        writer.write(step, metrics)
-        last = metrics
-        window = []
-      writer.advance(step, last)
-  writer.close()
 
-  manager = checkpoint.make_manager(workdir, max_to_keep=1)
-  checkpoint.save(manager, config.total_steps, state)
-  manager.wait_until_finished()
-  manager.close()
-
-  split = config.eval.split
-  if config.task == "vqa":
-    examples, source = data[split] if split in data else vqa_data.load_examples(config.vqa, task.pre_config.data, split)
-    results = evaluate_vqa(task, state["params"], examples, source, split)
-  else:
-    results = evaluate_retrieval(task, state["params"], split)
-  results = {"step": config.total_steps, "split": split, "task": config.task,
-             "init_mode": config.init_mode, **results}
+def _write_results(workdir: str, results: dict) -> dict:
   if jax.process_index() == 0:
-    evaluate.write_results(workdir, config.total_steps, results)
+    workdir_lib.write_eval_results(workdir, results["step"], results)
   return results
-
-
-_TRAIN_KEYS = {
-    "vqa": vqa_data.VQA_KEYS,
-    "retrieval": ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask", "image_id",
-                  "example_mask"),
-}

@@ -70,18 +70,22 @@ def encoder_forward_flops(enc: _Encoder, t: int, k: int) -> float:
           + enc.x_layers * _cross_layer(t, k, enc.hidden, enc.mlp))
 
 
-def train_step_flops(config) -> float:
+def train_step_flops(config, mcfg: model_lib.ModelConfig | None = None) -> float:
   """FLOPs of one train step (forward + backward) over the global batch of `config`.
 
-  `config` is a finalized run config (model fields filled in, see `config_lib.finalize`).
+  `config` is a finalized run config (batch size, text length, mask rates, loss weights);
+  the model's sizes are `mcfg` (default: `model.model_config_from(config)`), the same
+  `ModelConfig` the model is built from, generator included.
   """
-  m = config.model
-  b, t, k, dv, v = config.batch_size, config.data.max_text_len, m.num_regions, m.visual_feat_dim, m.vocab_size
-  h = m.hidden_size
+  mcfg = mcfg or model_lib.model_config_from(config)
+  enc = mcfg.encoder
+  b, t, k, dv, v = (config.batch_size, config.data.max_text_len, config.model.num_regions,
+                    mcfg.visual_feat_dim, mcfg.vocab_size)
+  h = enc.hidden_size
   mt = electra.max_masked(t, config.text_mask_rate)
   mr = electra.max_masked(k, config.region_mask_rate)
-  moc_out = {"sample": h, "regress": dv, "classify": m.num_object_classes}[m.moc_mode]
-  disc = _Encoder(h, m.mlp_dim, m.l_layers, m.r_layers, m.x_layers)
+  moc_out = {"sample": h, "regress": dv, "classify": mcfg.num_object_classes}[mcfg.moc_mode]
+  disc = _Encoder(h, enc.mlp_dim, enc.l_layers, enc.r_layers, enc.x_layers)
   # The region-feature projection runs once per step: every pass's visual input and the
   # MOC candidate pool are rows of it (objectives._region_embeddings). Each pass projects
   # its boxes. Word lookups are free.
@@ -95,33 +99,29 @@ def train_step_flops(config) -> float:
 
   # MOC `sample`: every masked region scores all b*k regions of the global batch (their
   # keys are the shared visual projection).
-  pool = 2 * mr * b * k * h if m.moc_mode == "sample" else 0.0
+  pool = 2 * mr * b * k * h if mcfg.moc_mode == "sample" else 0.0
   itm = 2 * h * h + 2 * h * 2
-  if config.objective == "electra":
-    g_cfg = model_lib.generator_config(
-        model_lib.EncoderConfig(h, m.num_heads, m.mlp_dim, m.l_layers, m.r_layers, m.x_layers),
-        m.generator, m.generator_width_ratio)
+  if mcfg.generator is not None:  # electra
+    g_cfg = mcfg.generator
     g = g_cfg.hidden_size
     gen = _Encoder(g, g_cfg.mlp_dim, g_cfg.l_layers, g_cfg.r_layers, g_cfg.x_layers)
     # tied: the discriminator's own encoder, no width projection.
-    projection = 0.0 if m.generator == "tied" else 2 * (t + k) * h * g
+    projection = 0.0 if mcfg.generator_kind == "tied" else 2 * (t + k) * h * g
     generator = boxes + projection + encoder_forward_flops(gen, t, k) + heads(g) + pool
     binary_heads = 2 * (t + k) * (h * h + h)  # RTD and R2D
-    corrective = 2 * mt * (h * h + h * v) if config.loss_weights.clm > 0 else 0.0  # corrective LM
-    if config.loss_weights.cmoc > 0:  # and its region half, scored against the pool for `sample`
-      corrective += 2 * mr * (h * h + h * moc_out) + (2 * mr * b * k * h if m.moc_mode == "sample" else 0.0)
+    corrective = 2 * mt * (h * h + h * v) if mcfg.corrective_lm else 0.0  # corrective LM
+    if mcfg.corrective_moc:  # and its region half, scored against the pool for `sample`
+      corrective += 2 * mr * (h * h + h * moc_out) + (2 * mr * b * k * h if mcfg.moc_mode == "sample" else 0.0)
     # Contrastive alignment: two projections to the shared space, and every text against
     # every image of the global batch in both directions.
-    c = m.contrastive_dim
-    itc = 2 * 2 * h * c + 2 * 2 * b * c if config.loss_weights.itc > 0 else 0.0
+    c = mcfg.contrastive_dim
+    itc = 2 * 2 * h * c + 2 * 2 * b * c if c > 0 else 0.0
     discriminator = boxes + encoder_forward_flops(disc, t, k) + binary_heads + corrective + itc + itm
     # MOC `regress` writes back regressed features, which are projected anew.
-    replaced = 2 * mr * dv * h if m.moc_mode == "regress" else 0.0
+    replaced = 2 * mr * dv * h if mcfg.moc_mode == "regress" else 0.0
     forward = visual + generator + replaced + discriminator
-  elif config.objective == "mlm":
+  else:  # the mlm baseline
     forward = visual + boxes + encoder_forward_flops(disc, t, k) + heads(h) + pool + itm
-  else:
-    raise ValueError(f"unknown objective {config.objective!r}")
   return 3.0 * b * forward
 
 

@@ -256,31 +256,35 @@ def _dispatch(command: str) -> None:
     from mmelectra import evaluate
     from mmelectra import finetune
     metrics = finetune.finetune(_config(), _WORKDIR.value)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and metrics.get("preempted"):
+      print(f"preempted: saved step {metrics['step']} in {_WORKDIR.value}; rerun the same "
+            "command to resume")
+    elif jax.process_index() == 0:
       print(f"fine-tuned {_WORKDIR.value}, test metrics:")
       print(evaluate.format_table(metrics))
   elif command == "export":
     if not _OUT.value:
       _usage("export needs --out=HF_DIR")
     from mmelectra import export_hf
+    from mmelectra import hf_parity
     step, diffs = export_hf.export_workdir(_WORKDIR.value, _OUT.value, step=_STEP.value,
                                            check=_VERIFY.value, export_heads=_EXPORT_HEADS.value)
     print(f"exported {_WORKDIR.value} step {step} to {_OUT.value}")
     if diffs is not None:
-      print(f"parity, max abs difference JAX vs PyTorch (bound {export_hf.PARITY_BOUND:g}):")
-      print(export_hf.format_diffs(diffs))
+      print(f"parity, max abs difference JAX vs PyTorch (bound {hf_parity.PARITY_BOUND:g}):")
+      print(hf_parity.format_diffs(diffs))
   elif command == "import-hf":
     if not _HF_DIR.value:
       _usage("import-hf needs --hf_dir=HF_DIR")
-    from mmelectra import export_hf
+    from mmelectra import import_hf
     base_config = _config()
     if base_config is None:  # the installed preset (configs/ installs as mmelectra_configs)
       from mmelectra_configs import pretrain
       base_config = pretrain.get_config()
-    summary = export_hf.import_hf(_HF_DIR.value, _WORKDIR.value, base_config)
+    summary = import_hf.import_hf(_HF_DIR.value, _WORKDIR.value, base_config)
     print(f"imported {_HF_DIR.value} into {_WORKDIR.value} (step 0): {len(summary['loaded'])} "
           f"parameters loaded, {len(summary['initialised'])} freshly initialised; see "
-          f"{_WORKDIR.value}/{export_hf.IMPORT_INFO_FILE}")
+          f"{_WORKDIR.value}/{import_hf.IMPORT_INFO_FILE}")
 
 
 def run():

@@ -13,7 +13,7 @@ maps them to the `(data, fsdp, model)` mesh. Activations carry logical constrain
 The generator (ELECTRA) is the same `Encoder` class at a fraction of the width. It reads
 the discriminator's embedding outputs (the word table and visual projection are shared,
 not copied) through one dense projection that adapts the width. By default it is
-*per modality* (docs/method.md, "The generator"): a text stack and a region stack with no
+*per modality* (docs/method.md §3): a text stack and a region stack with no
 cross-modality layer, so its MLM logits depend on the text alone and its MOC output on the
 image alone, and only the discriminator reads the two together.
 
@@ -84,13 +84,15 @@ def _ones(names):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
 
 
-def _layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
+def layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
+  """LayerNorm at the encoder's eps and dtype, initialised as BERT's (1, 0)."""
   return nn.LayerNorm(
       epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name,
       scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)))
 
 
-def _dense(features: int, in_name: str, out_name: str, dtype: DType, name: str) -> nn.Dense:
+def dense(features: int, in_name: str, out_name: str, dtype: DType, name: str) -> nn.Dense:
+  """A dense layer initialised as BERT's (N(0, 0.02) kernel, zero bias), with logical axis names."""
   return nn.Dense(
       features, dtype=dtype, name=name,
       kernel_init=_kernel_init((in_name, out_name)), bias_init=_zeros((out_name,)))
@@ -156,7 +158,7 @@ class AttentionBlock(nn.Module):
     out = _Einsum("...hd,hde->...e", (heads, head_dim, hidden), ("heads", "kv", "embed"),
                   ("embed",), cfg.dtype, name="output")(attended)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
-    return _layer_norm(cfg, "output_layer_norm")(out + x)
+    return layer_norm(cfg, "output_layer_norm")(out + x)
 
 
 class FeedForward(nn.Module):
@@ -167,12 +169,12 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     cfg = self.cfg
-    h = _dense(cfg.mlp_dim, "embed", "mlp", cfg.dtype, "intermediate")(x)
+    h = dense(cfg.mlp_dim, "embed", "mlp", cfg.dtype, "intermediate")(x)
     h = gelu(h)
     h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
-    out = _dense(cfg.hidden_size, "mlp", "embed", cfg.dtype, "output")(h)
+    out = dense(cfg.hidden_size, "mlp", "embed", cfg.dtype, "output")(h)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
-    return _layer_norm(cfg, "output_layer_norm")(out + x)
+    return layer_norm(cfg, "output_layer_norm")(out + x)
 
 
 class TransformerLayer(nn.Module):
@@ -368,7 +370,7 @@ class TextEmbeddings(nn.Module):
     self.token_type_embeddings = nn.Embed(
         self.type_vocab_size, cfg.hidden_size, dtype=cfg.dtype,
         embedding_init=_kernel_init(("token_type", "embed")))
-    self.layer_norm = _layer_norm(cfg, "layer_norm")
+    self.layer_norm = layer_norm(cfg, "layer_norm")
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def __call__(self, ids: Array, deterministic: bool) -> Array:
@@ -399,9 +401,9 @@ class VisualEmbeddings(nn.Module):
     self.visn_fc = nn.Dense(cfg.hidden_size, dtype=cfg.dtype, name="visn_fc",
                             kernel_init=_kernel_init(("visual_feat", "embed")),
                             bias_init=_kernel_init(("embed",)))
-    self.visn_layer_norm = _layer_norm(cfg, "visn_layer_norm")
-    self.box_fc = _dense(cfg.hidden_size, "box", "embed", cfg.dtype, "box_fc")
-    self.box_layer_norm = _layer_norm(cfg, "box_layer_norm")
+    self.visn_layer_norm = layer_norm(cfg, "visn_layer_norm")
+    self.box_fc = dense(cfg.hidden_size, "box", "embed", cfg.dtype, "box_fc")
+    self.box_layer_norm = layer_norm(cfg, "box_layer_norm")
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def project_features(self, feats: Array) -> Array:
@@ -426,7 +428,7 @@ class TiedMLMHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, embeddings: TextEmbeddings) -> Array:
-    h = _dense(self.embed_dim, "hidden", "embed", self.cfg.dtype, "transform")(x)
+    h = dense(self.embed_dim, "hidden", "embed", self.cfg.dtype, "transform")(x)
     h = gelu(h)
     h = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype, name="transform_layer_norm",
                      scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)))(h)
@@ -448,12 +450,12 @@ class MOCHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = _dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "transform")(x)
+    h = dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "transform")(x)
     h = gelu(h)
     h = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype, name="transform_layer_norm",
                      scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)))(h)
     out_name = {"sample": "embed", "regress": "visual_feat", "classify": "classes"}[self.mode]
-    out = _dense(self.out_dim, "hidden", out_name, self.cfg.dtype, "output")(h)
+    out = dense(self.out_dim, "hidden", out_name, self.cfg.dtype, "output")(h)
     return out.astype(jnp.float32)
 
 
@@ -464,8 +466,8 @@ class BinaryHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = gelu(_dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "dense")(x))
-    return _dense(1, "hidden", "classes", self.cfg.dtype, "logit")(h)[..., 0].astype(jnp.float32)
+    h = gelu(dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "dense")(x))
+    return dense(1, "hidden", "classes", self.cfg.dtype, "logit")(h)[..., 0].astype(jnp.float32)
 
 
 class Pooler(nn.Module):
@@ -475,10 +477,10 @@ class Pooler(nn.Module):
 
   @nn.compact
   def __call__(self, lang: Array) -> Array:
-    return jnp.tanh(_dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "dense")(lang[:, 0]))
+    return jnp.tanh(dense(self.cfg.hidden_size, "embed", "hidden", self.cfg.dtype, "dense")(lang[:, 0]))
 
 
-# `model.generator`: what the ELECTRA generator reads (docs/method.md, "The generator").
+# `model.generator`: what the ELECTRA generator reads (docs/method.md §3).
 #   per_modality  text stack -> MLM, region stack -> MOC; neither sees the other modality
 #   crossmodal    a narrow copy of the whole LXMERT encoder (cross layers included)
 #   tied          the discriminator's own encoder (ELECTRA's "tie all weights"), own heads
@@ -526,8 +528,7 @@ def model_config_from(config) -> ModelConfig:
       l_layers=m.l_layers, r_layers=m.r_layers, x_layers=m.x_layers,
       layer_norm_eps=m.layer_norm_eps, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, dtype=dtype, remat=m.remat,
-      # .get: run configs saved before the option existed lack the field.
-      scan_layers=bool(m.get("scan_layers", False)))
+      scan_layers=bool(m.scan_layers))
   gen = None
   kind = m.generator
   if kind not in GENERATORS:
@@ -591,11 +592,11 @@ class MMElectra(nn.Module):
     self.visual_embeddings = VisualEmbeddings(enc)
     self.encoder = Encoder(enc)
     self.pooler = Pooler(enc)
-    self.itm_head = _dense(2, "hidden", "classes", enc.dtype, "itm_head")
+    self.itm_head = dense(2, "hidden", "classes", enc.dtype, "itm_head")
     if cfg.contrastive_dim:
-      self.itc_text_projection = _dense(cfg.contrastive_dim, "embed", "hidden", enc.dtype,
+      self.itc_text_projection = dense(cfg.contrastive_dim, "embed", "hidden", enc.dtype,
                                         "itc_text_projection")
-      self.itc_image_projection = _dense(cfg.contrastive_dim, "embed", "hidden", enc.dtype,
+      self.itc_image_projection = dense(cfg.contrastive_dim, "embed", "hidden", enc.dtype,
                                          "itc_image_projection")
       # CLIP/ALBEF: a learned inverse temperature, kept as its log, starting at 1/0.07.
       self.itc_log_scale = self.param(
@@ -610,7 +611,7 @@ class MMElectra(nn.Module):
       self.rtd_head = BinaryHead(enc)
       self.r2d_head = BinaryHead(enc)
       if not cfg.generator_tied:
-        self.generator_projection = _dense(gen.hidden_size, "embed", "hidden", gen.dtype,
+        self.generator_projection = dense(gen.hidden_size, "embed", "hidden", gen.dtype,
                                            "generator_projection")
         self.generator = Encoder(gen)
       self.generator_mlm_head = TiedMLMHead(gen, enc.hidden_size, cfg.vocab_size)

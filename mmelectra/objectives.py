@@ -5,13 +5,13 @@ the discriminator (fusion encoder) reads the corrupted pair and judges every wor
 and every region (R2D); ITM rides on the pooled output. Five losses (docs/method.md).
 `mlm`: the LXMERT/UNITER baseline; the encoder itself does MLM + MOC + ITM.
 
-Both return `(loss, metric_sums)`; see `electra.finalize_metrics`.
+Both return `(loss, metric_sums)`; see `metrics_lib.finalize_metrics`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from mmelectra import electra
 from mmelectra import errors
 from mmelectra.electra import gather
 from mmelectra.model import MMElectra
+from mmelectra import metrics as metrics_lib
 
 Array = jax.Array
 
@@ -83,9 +84,8 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
 
 
 def _choice(config, key: str, choices: tuple[str, ...]) -> str:
-  """`config[key]`, one of `choices`; the first choice where a config saved before the
-  field existed lacks it."""
-  value = config.get(key, choices[0])
+  """`config[key]`, one of `choices`."""
+  value = config[key]
   if value not in choices:
     raise errors.InvalidInput(f"config.{key} must be one of {choices}, got {value!r}")
   return value
@@ -150,16 +150,16 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _
 def _mlm_terms(mlm_logits, x: _Inputs, loss_weight: Array):
   """L2 and mlm_acc for logits at the masked text slots."""
   target = electra.gather(x.text_ids, x.text_positions)
-  mlm = electra.cross_entropy(mlm_logits, target, loss_weight)
-  acc = electra.accuracy_sums(electra.argmax(mlm_logits), target, loss_weight)
+  mlm = metrics_lib.cross_entropy(mlm_logits, target, loss_weight)
+  acc = metrics_lib.accuracy_sums(electra.argmax(mlm_logits), target, loss_weight)
   return mlm, acc
 
 
 def _itm_terms(itm_logits, x: _Inputs):
   """L5 and itm_acc over the real examples; label 1 for a matched pair."""
   labels = x.matched.astype(jnp.int32)
-  itm = electra.cross_entropy(itm_logits, labels, x.example)
-  return itm, electra.accuracy_sums(electra.argmax(itm_logits), labels, x.example)
+  itm = metrics_lib.cross_entropy(itm_logits, labels, x.example)
+  return itm, metrics_lib.accuracy_sums(electra.argmax(itm_logits), labels, x.example)
 
 
 def _region_embeddings(model: MMElectra, params, x: _Inputs) -> tuple[Array, Array]:
@@ -189,18 +189,18 @@ def _moc_terms(moc_out, embeds: Array, x: _Inputs, loss_weight: Array, ocfg: Obj
     # The pool is every region of the global batch, on all shards (docs/method.md §5).
     scores = collectives.pool_candidate_scores(moc_out, candidates, x.region_mask.reshape(-1))
     target = electra.flat_region_index(x.region_positions, num_regions)
-    moc = electra.cross_entropy(scores, target, loss_weight)
-    acc = electra.accuracy_sums(electra.argmax(scores), target, loss_weight)
+    moc = metrics_lib.cross_entropy(scores, target, loss_weight)
+    acc = metrics_lib.accuracy_sums(electra.argmax(scores), target, loss_weight)
     return moc, acc, scores
   if ocfg.moc_mode == "regress":
     target = electra.gather(x.feats, x.region_positions)
-    return electra.smooth_l1(moc_out, target, loss_weight), None, None
+    return metrics_lib.smooth_l1(moc_out, target, loss_weight), None, None
   # classify: only regions with a label count.
   labels = electra.gather(x.region_labels, x.region_positions)
   labelled = loss_weight * (labels >= 0)
   safe_labels = jnp.maximum(labels, 0)
-  moc = electra.cross_entropy(moc_out, safe_labels, labelled)
-  acc = electra.accuracy_sums(electra.argmax(moc_out), safe_labels, labelled)
+  moc = metrics_lib.cross_entropy(moc_out, safe_labels, labelled)
+  acc = metrics_lib.accuracy_sums(electra.argmax(moc_out), safe_labels, labelled)
   return moc, acc, moc_out
 
 
@@ -238,8 +238,110 @@ def discriminator_mask_fraction(ocfg: ObjectiveConfig, step, start: float | None
   return start * jnp.clip(1.0 - after_hold / decay, 0.0, 1.0)
 
 
+class _Corruption(NamedTuple):
+  """The pair the discriminator reads, and which masked slots were left masked."""
+
+  ids: Array  # [B, T] the generator's samples written back at the masked words
+  feats: Array  # [B, K, Dv] the replacement regions written back
+  embeds: Array  # [B, K, E] their embeddings (what the encoder reads)
+  kept_masked: Array | None  # [B, Mt] masked words read as [MASK] (not replaced)
+  kept_regions: Array | None  # [B, Mr] masked regions read as all-zero (not replaced)
+
+
+def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_out, moc_scores,
+             embeds, masked_embeds, ocfg: ObjectiveConfig, step) -> _Corruption:
+  """Writes the generator's predictions back (gradient stopped through token samples),
+  leaving `discriminator_mask_fraction` of the masked words and
+  `discriminator_region_mask_fraction` of the masked regions masked instead."""
+  kept_masked = kept_regions = None
+  keep = ocfg.discriminator_mask_fraction > 0 or ocfg.discriminator_region_mask_fraction > 0
+  if keep:  # split only here, so runs without it keep their random streams
+    rng_text, rng_keep = jax.random.split(rng_text)
+    rng_region, rng_keep_region = jax.random.split(rng_region)
+  sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
+  if keep:
+    sampled_tokens, kept_masked = electra.keep_masked(
+        rng_keep, sampled_tokens, x.text_weights, discriminator_mask_fraction(ocfg, step),
+        ocfg.mask_id)
+    kept_regions = electra.kept_slots(
+        rng_keep_region, x.region_weights,
+        discriminator_mask_fraction(ocfg, step, ocfg.discriminator_region_mask_fraction))
+  corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
+
+  def project(feats):
+    return model.apply({"params": params}, feats, method=MMElectra.candidate_embeddings)
+
+  replacement, replacement_embeds = _replacement_regions(rng_region, moc_out, moc_scores, x, ocfg,
+                                                         embeds, project)
+  if keep:
+    # Kept regions read as the baseline's masked ones: an all-zero feature.
+    replacement = jnp.where(kept_regions[..., None], 0.0, replacement).astype(replacement.dtype)
+    replacement_embeds = jnp.where(kept_regions[..., None], gather(masked_embeds, x.region_positions),
+                                   replacement_embeds)
+  return _Corruption(
+      corrupted_ids, electra.scatter(x.feats, x.region_positions, replacement, x.region_weights),
+      electra.scatter(embeds, x.region_positions, replacement_embeds, x.region_weights),
+      kept_masked, kept_regions)
+
+
+def _discriminator_weights(x, pair_w: Array, c: _Corruption) -> tuple[Array, Array]:
+  """RTD's and R2D's per-position weights: real words and regions of matched pairs, less
+  the slots left masked (a [MASK] is plainly not the original: no target there)."""
+  text_w = x.text_mask * pair_w[:, None]
+  if c.kept_masked is not None:
+    text_w = text_w * ~electra.positions_to_dense(x.text_positions, c.kept_masked, x.text_ids.shape[1])
+  region_w = x.region_mask * pair_w[:, None]
+  if c.kept_regions is not None:
+    region_w = region_w * ~electra.positions_to_dense(x.region_positions, c.kept_regions,
+                                                      x.feats.shape[1])
+  return text_w, region_w
+
+
+def _grounding_terms(discriminated: dict, x, pair_w, text_loss_w, region_loss_w, embeds,
+                     ocfg: ObjectiveConfig) -> tuple[dict, dict]:
+  """(losses, accuracy sums) of the optional signals on the discriminator (method §9):
+  contrastive alignment, the corrective LM and its region half."""
+  losses, accs = {}, {}
+  if "itc" in discriminated:
+    # Contrastive alignment of the discriminator's own single-modality outputs. A text
+    # takes part where it is its image's (matched pairs), an image wherever it is real;
+    # the candidates are the whole global batch (all data-parallel shards).
+    text_emb, image_emb, scale = discriminated["itc"]
+    losses["itc"], accs["itc_acc"] = electra.contrastive_terms(
+        text_emb, image_emb, scale, pair_w > 0, x.example > 0, collectives.pool_candidate_scores)
+  if ocfg.weights["clm"] > 0:
+    # Corrective LM: the original word at every masked slot, from the corrupted pair
+    # (matched pairs only, like L2). Where the generator replaced an attribute word, only
+    # the image tells the original.
+    losses["clm"], accs["clm_acc"] = _mlm_terms(discriminated["clm"], x, text_loss_w)
+  if ocfg.weights["cmoc"] > 0:
+    # Its region half: the original region at every masked region, from the corrupted
+    # pair, scored like the generator's MOC (the same candidate pool for `sample`).
+    losses["cmoc"], cmoc_acc, _ = _moc_terms(discriminated["cmoc"], embeds, x, region_loss_w, ocfg)
+    if cmoc_acc is not None:
+      accs["cmoc_acc"] = cmoc_acc
+  return losses, accs
+
+
+def _replaced_fractions(x, pair_w, c: _Corruption, rtd_labels, r2d_labels) -> dict:
+  """Share of the sampled words and replaced regions that differ from the original."""
+  sampled_w = x.text_weights if c.kept_masked is None else x.text_weights * ~c.kept_masked
+  masked_text = electra.positions_to_dense(x.text_positions, sampled_w * pair_w[:, None],
+                                           x.text_ids.shape[1])
+  replaced_w = x.region_weights if c.kept_regions is None else x.region_weights * ~c.kept_regions
+  masked_regions = electra.positions_to_dense(x.region_positions, replaced_w * pair_w[:, None],
+                                              x.feats.shape[1])
+  return {
+      "text_replaced_frac": ((rtd_labels * masked_text).sum(), masked_text.sum().astype(jnp.float32)),
+      "region_replaced_frac": ((r2d_labels * masked_regions).sum(),
+                               masked_regions.sum().astype(jnp.float32)),
+  }
+
+
 def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
                    deterministic: bool, step=None) -> tuple[Array, dict]:
+  """The five losses (and the optional grounding signals) of one batch: mask, generate,
+  corrupt, discriminate, score."""
   rng_prep, rng_gen, rng_disc, rng_text, rng_region = jax.random.split(rng, 5)
   x = _prepare(batch, rng_prep, ocfg)
   # L1-L4 count matched pairs only (LXMERT); padding examples count nowhere.
@@ -257,97 +359,37 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
   moc, moc_acc, moc_scores = _moc_terms(moc_out, embeds, x, region_loss_w, ocfg)
 
-  # Write the generator's predictions back (gradient stopped through token samples).
-  kept_masked = kept_regions = None
-  keep = ocfg.discriminator_mask_fraction > 0 or ocfg.discriminator_region_mask_fraction > 0
-  if keep:  # split only here, so runs without it keep their random streams
-    rng_text, rng_keep = jax.random.split(rng_text)
-    rng_region, rng_keep_region = jax.random.split(rng_region)
-  sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
-  if keep:
-    sampled_tokens, kept_masked = electra.keep_masked(
-        rng_keep, sampled_tokens, x.text_weights, discriminator_mask_fraction(ocfg, step),
-        ocfg.mask_id)
-    kept_regions = electra.kept_slots(
-        rng_keep_region, x.region_weights,
-        discriminator_mask_fraction(ocfg, step, ocfg.discriminator_region_mask_fraction))
-  corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
-  def project(feats):
-    return model.apply({"params": params}, feats, method=MMElectra.candidate_embeddings)
+  c = _corrupt(model, params, x, rng_text, rng_region, mlm_logits, moc_out, moc_scores, embeds,
+               masked_embeds, ocfg, step)
+  rtd_labels = electra.replaced_tokens(x.text_ids, c.ids, x.text_mask)
+  r2d_labels = electra.replaced_regions(x.feats, c.feats, x.region_mask)
 
-  replacement, replacement_embeds = _replacement_regions(rng_region, moc_out, moc_scores, x, ocfg,
-                                                         embeds, project)
-  if keep:
-    # Kept regions read as the baseline's masked ones: an all-zero feature.
-    replacement = jnp.where(kept_regions[..., None], 0.0, replacement).astype(replacement.dtype)
-    replacement_embeds = jnp.where(kept_regions[..., None], gather(masked_embeds, x.region_positions),
-                                   replacement_embeds)
-  corrupted_feats = electra.scatter(x.feats, x.region_positions, replacement, x.region_weights)
-  corrupted_embeds = electra.scatter(embeds, x.region_positions, replacement_embeds, x.region_weights)
-
-  rtd_labels = electra.replaced_tokens(x.text_ids, corrupted_ids, x.text_mask)
-  r2d_labels = electra.replaced_regions(x.feats, corrupted_feats, x.region_mask)
-
-  corrective = ocfg.weights["clm"] > 0
-  corrective_regions = ocfg.weights["cmoc"] > 0
   discriminated = model.apply(
-      {"params": params}, corrupted_ids, x.text_mask, None, x.boxes, x.region_mask, deterministic,
-      region_embeds=corrupted_embeds, text_positions=x.text_positions if corrective else None,
-      region_positions=x.region_positions if corrective_regions else None,
+      {"params": params}, c.ids, x.text_mask, None, x.boxes, x.region_mask, deterministic,
+      region_embeds=c.embeds,
+      text_positions=x.text_positions if ocfg.weights["clm"] > 0 else None,
+      region_positions=x.region_positions if ocfg.weights["cmoc"] > 0 else None,
       method=MMElectra.discriminate, rngs={"dropout": rng_disc})
   rtd_logits, r2d_logits = discriminated["rtd"], discriminated["r2d"]
-  text_w = x.text_mask * pair_w[:, None]
-  if kept_masked is not None:  # a [MASK] is plainly not the original: no RTD target there
-    text_w = text_w * ~electra.positions_to_dense(x.text_positions, kept_masked, x.text_ids.shape[1])
-  region_w = x.region_mask * pair_w[:, None]
-  if kept_regions is not None:
-    region_w = region_w * ~electra.positions_to_dense(x.region_positions, kept_regions,
-                                                      x.feats.shape[1])
-  rtd = electra.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
-  r2d = electra.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
+  text_w, region_w = _discriminator_weights(x, pair_w, c)
+  rtd = metrics_lib.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
+  r2d = metrics_lib.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
   itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else discriminated["itm"], x)
 
   losses = {"moc": moc, "mlm": mlm, "r2d": r2d, "rtd": rtd, "itm": itm}
-  if "itc" in discriminated:
-    # Contrastive alignment of the discriminator's own single-modality outputs. A text
-    # takes part where it is its image's (matched pairs), an image wherever it is real;
-    # the candidates are the whole global batch (all data-parallel shards).
-    text_emb, image_emb, scale = discriminated["itc"]
-    losses["itc"], itc_acc = electra.contrastive_terms(
-        text_emb, image_emb, scale, pair_w > 0, x.example > 0, collectives.pool_candidate_scores)
-  if corrective:
-    # Corrective LM: the original word at every masked slot, from the corrupted pair
-    # (matched pairs only, like L2). Where the generator replaced an attribute word, only
-    # the image tells the original.
-    losses["clm"], clm_acc = _mlm_terms(discriminated["clm"], x, text_loss_w)
-  if corrective_regions:
-    # Its region half: the original region at every masked region, from the corrupted
-    # pair, scored like the generator's MOC (the same candidate pool for `sample`).
-    losses["cmoc"], cmoc_acc, _ = _moc_terms(discriminated["cmoc"], embeds, x,
-                                             region_loss_w, ocfg)
-  loss = electra.weighted_total({k: electra.mean(v) for k, v in losses.items()}, ocfg.weights)
+  extra_losses, extra_accs = _grounding_terms(discriminated, x, pair_w, text_loss_w,
+                                              region_loss_w, embeds, ocfg)
+  losses.update(extra_losses)
+  loss = electra.weighted_total({k: metrics_lib.mean(v) for k, v in losses.items()}, ocfg.weights)
   sums = {f"{k}_loss": v for k, v in losses.items()}
   sums["mlm_acc"] = mlm_acc
-  if corrective:
-    sums["clm_acc"] = clm_acc
-  if corrective_regions and cmoc_acc is not None:
-    sums["cmoc_acc"] = cmoc_acc
-  if "itc" in losses:
-    sums["itc_acc"] = itc_acc
+  sums.update(extra_accs)
   if moc_acc is not None:
     sums["moc_acc"] = moc_acc
-  sums.update(electra.binary_metric_sums("rtd", rtd_logits, rtd_labels, text_w))
-  sums.update(electra.binary_metric_sums("r2d", r2d_logits, r2d_labels, region_w))
+  sums.update(metrics_lib.binary_metric_sums("rtd", rtd_logits, rtd_labels, text_w))
+  sums.update(metrics_lib.binary_metric_sums("r2d", r2d_logits, r2d_labels, region_w))
   sums["itm_acc"] = itm_acc
-  sampled_w = x.text_weights if kept_masked is None else x.text_weights * ~kept_masked
-  masked_text = electra.positions_to_dense(x.text_positions, sampled_w * pair_w[:, None],
-                                           x.text_ids.shape[1])
-  replaced_w = x.region_weights if kept_regions is None else x.region_weights * ~kept_regions
-  masked_regions = electra.positions_to_dense(x.region_positions, replaced_w * pair_w[:, None],
-                                              x.feats.shape[1])
-  sums["text_replaced_frac"] = ((rtd_labels * masked_text).sum(), masked_text.sum().astype(jnp.float32))
-  sums["region_replaced_frac"] = ((r2d_labels * masked_regions).sum(),
-                                  masked_regions.sum().astype(jnp.float32))
+  sums.update(_replaced_fractions(x, pair_w, c, rtd_labels, r2d_labels))
   sums["loss"] = (loss * x.example.sum(), x.example.sum())
   return loss, sums
 
@@ -368,7 +410,7 @@ def mlm_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   moc, moc_acc, _ = _moc_terms(moc_out, embeds, x, region_loss_w, ocfg)
   itm, itm_acc = _itm_terms(itm_logits, x)
   losses = {"moc": moc, "mlm": mlm, "itm": itm}
-  loss = electra.weighted_total({k: electra.mean(v) for k, v in losses.items()}, ocfg.weights)
+  loss = electra.weighted_total({k: metrics_lib.mean(v) for k, v in losses.items()}, ocfg.weights)
   sums = {f"{k}_loss": v for k, v in losses.items()}
   sums["mlm_acc"] = mlm_acc
   if moc_acc is not None:

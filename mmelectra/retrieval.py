@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmelectra import sharding
+from mmelectra.data.batch import IMAGE_KEYS, TEXT_KEYS
 from mmelectra.model import MMElectra
 
 KS = (1, 5, 10)
-TEXT_KEYS = ("text_ids", "text_mask")
-IMAGE_KEYS = ("region_feats", "region_boxes", "region_mask")
 
 
 # --- metrics (pure) ---------------------------------------------------------------------

@@ -2,10 +2,21 @@
 
 import os
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+# One persistent compilation cache for the whole run, set before JAX starts: tests that
+# compile the same program (the micro model's steps, the fine-tuning step) compile it
+# once, and so do the subprocesses they start, which inherit the environment. One
+# directory per run (xdist workers share their run's id), so nothing stale is read.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"mmelectra-test-jax-cache-{_RUN_ID}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import contextlib  # noqa: E402
 
@@ -83,8 +94,10 @@ def random_batch(config, batch_size=None, seed=0):
 
 
 def tiny_data_cfg(data_dir, **overrides):
-  """A synthetic-scenes data config of a few dozen 32 px scenes, built in seconds."""
-  cfg = dict(name="synthetic_scenes", data_dir=str(data_dir), image_size=32, num_train=30,
+  """A synthetic-scenes data config of a few dozen 32 px scenes, built in seconds (the
+  other fields as configs/pretrain.py has them)."""
+  cfg = pretrain.get_config().data.to_dict()
+  cfg.update(name="synthetic_scenes", data_dir=str(data_dir), image_size=32, num_train=30,
              num_validation=6, num_test=5, seed=3, regions="patches", patch_size=8, crop_size=4,
              max_regions=4, max_text_len=32, vocab_size=128, num_workers=0)
   cfg.update(overrides)
@@ -118,3 +131,17 @@ def tiny_pretrained_run(tmp_path_factory):
   with most_optimizations_disabled():
     train.train_and_evaluate(tiny_run_config(str(root / "tfds"), 3), str(root / "run"))
   return str(root / "run")
+
+
+# The files that take longest (subprocesses that compile on simulated meshes, restart
+# runs, or start several hosts) run first, so that under `make test`'s two workers
+# (pytest-xdist, one file per worker at a time) no long file starts last.
+_LONGEST_FIRST = ("test_sharding.py", "test_fault_tolerance.py", "test_scan_layers.py",
+                  "test_multihost.py", "test_finetune.py", "test_model.py", "test_export_hf.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  def rank(item):
+    name = os.path.basename(str(item.fspath))
+    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+  items.sort(key=rank)  # stable: the order within a file is kept

@@ -8,12 +8,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import SPECIAL_IDS, micro_config
-from mmelectra import checkpoint, train
+from mmelectra import checkpoint
+from mmelectra import setup as setup_lib
+from mmelectra import workdir as workdir_lib
 
 
 def _state(objective="electra", seed=0, **overrides):
   """The real state structure and shardings, filled with random numbers (no compile)."""
-  setup = train.build(micro_config(objective=objective, **overrides), SPECIAL_IDS)
+  setup = setup_lib.build(micro_config(objective=objective, **overrides), SPECIAL_IDS)
   rng = np.random.default_rng(seed)
 
   def fill(a):
@@ -24,7 +26,7 @@ def _state(objective="electra", seed=0, **overrides):
 
 
 def _save(workdir, step, state, config=None):
-  manager = checkpoint.make_manager(str(workdir))
+  manager = workdir_lib.training_manager(str(workdir))
   checkpoint.save(manager, step, state, config=config)
   manager.wait_until_finished()
   manager.close()
@@ -39,7 +41,7 @@ def test_init_from_electra_into_mlm_lists_loaded_new_and_dropped(tmp_path):
   src_setup, src = _state("electra", seed=0)
   _save(tmp_path / "src", 7, src, src_setup.config)
   _, dst = _state("mlm", seed=1)
-  params, report = checkpoint.load_pretrained_params(str(tmp_path / "src"), dst["params"])
+  params, report = workdir_lib.load_pretrained_params(str(tmp_path / "src"), dst["params"])
 
   assert report.source.endswith(os.path.join("checkpoints", "7", "state"))
   src_names = checkpoint.flatten_names(src["params"])
@@ -70,8 +72,8 @@ def test_init_from_step_dir_rename_and_shape_mismatch(tmp_path):
   step3 = str(tmp_path / "src" / "checkpoints" / "3")
   with pytest.raises(ValueError, match=r"word_embeddings/embedding' has shape \(40, 32\) in the "
                      r"checkpoint but \(48, 32\)"):
-    checkpoint.load_pretrained_params(step3, dst["params"])
-  params, report = checkpoint.load_pretrained_params(
+    workdir_lib.load_pretrained_params(step3, dst["params"])
+  params, report = workdir_lib.load_pretrained_params(
       step3, dst["params"], allow_shape_mismatch=True,
       rename=lambda n: None if n.startswith("itm_head/") else n)
   mismatched = {n for n, _, _ in report.mismatched}
@@ -88,7 +90,7 @@ def test_checkpoint_with_other_shapes_is_named_before_restore(tmp_path):
   _, state = _state("mlm")
   _save(tmp_path, 4, state)
   setup, _ = _state("mlm", **{"model.mlp_dim": 48})
-  manager = checkpoint.make_manager(str(tmp_path))
+  manager = workdir_lib.training_manager(str(tmp_path))
   with pytest.raises(ValueError, match=r"'params/encoder/l_layer_0/ffn/intermediate/bias' has shape \(64,\) in the "
                      r"checkpoint but \(48,\) in the config"):
     checkpoint.restore(manager, 4, setup.abstract_state)
@@ -96,7 +98,7 @@ def test_checkpoint_with_other_shapes_is_named_before_restore(tmp_path):
 
 
 def test_keeps_the_last_k_and_every_mth_forever(tmp_path):
-  manager = checkpoint.make_manager(str(tmp_path), max_to_keep=2, keep_every=4)
+  manager = workdir_lib.training_manager(str(tmp_path), max_to_keep=2, keep_every=4)
   state = {"step": np.int32(0), "params": {"w": np.ones((2, 3), np.float32)}}
   for step in range(1, 10):
     checkpoint.save(manager, step, dict(state, step=np.int32(step)))
@@ -123,19 +125,21 @@ MESH_CHILD = """
 import jax, numpy as np, sys
 sys.path.insert(0, "tests")
 from conftest import SPECIAL_IDS, micro_config
-from mmelectra import checkpoint, train
+from mmelectra import checkpoint
+from mmelectra import setup as setup_lib
+from mmelectra import workdir as workdir_lib
 assert len(jax.devices()) == 8
 workdir = sys.argv[1]
 
 def setup_for(data, fsdp, model, **overrides):
-  return train.build(micro_config(objective="mlm", **{"mesh.data": data, "mesh.fsdp": fsdp,
+  return setup_lib.build(micro_config(objective="mlm", **{"mesh.data": data, "mesh.fsdp": fsdp,
                                                      "mesh.model": model}, **overrides), SPECIAL_IDS)
 
 saver = setup_for(8, 1, 1)
 rng = np.random.default_rng(0)
 state = jax.tree.map(lambda a: jax.device_put(rng.normal(size=a.shape).astype(a.dtype), a.sharding),
                      saver.abstract_state)
-manager = checkpoint.make_manager(workdir)
+manager = workdir_lib.training_manager(workdir)
 checkpoint.save(manager, 1, state)
 manager.wait_until_finished()
 loader = setup_for(2, 2, 2)
@@ -206,14 +210,13 @@ def test_generator_argument_selects_the_variant_and_rejects_others():
 def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_path):
   import json
   from configs import pretrain
-  from mmelectra import config_lib
   for tied, kind in ((False, "crossmodal"), (True, "tied")):
     raw = pretrain.get_config("size=tiny").to_dict()
     raw["logical_axis_rules"] = [list(r) for r in raw["logical_axis_rules"]]
     del raw["model"]["generator"], raw["loss_weights"]["clm"]
     raw["model"]["generator_tied"] = tied
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    loaded = config_lib.load(str(tmp_path))
+    loaded = workdir_lib.load_config(str(tmp_path))
     assert loaded.model.generator == kind and loaded.loss_weights.clm == 0.0
     assert "generator_tied" not in loaded.model
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmelectra import electra
+from mmelectra import metrics as metrics_lib
 
 
 def _maskable(batch=6, length=20, seed=0):
@@ -203,16 +204,16 @@ def test_losses_match_reference_formulas():
   logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
   labels = jnp.array([0, 2])
   w = jnp.array([1.0, 0.0])
-  total, weight = electra.cross_entropy(logits, labels, w)
+  total, weight = metrics_lib.cross_entropy(logits, labels, w)
   ref = -np.log(np.exp(2.0) / np.exp([2.0, 0.5, -1.0]).sum())
   np.testing.assert_allclose(float(total), ref, rtol=1e-6)
   assert float(weight) == 1.0
   z = jnp.array([3.0, -2.0, 0.0])
   y = jnp.array([1.0, 0.0, 1.0])
-  s, n = electra.sigmoid_cross_entropy(z, y, jnp.ones(3))
+  s, n = metrics_lib.sigmoid_cross_entropy(z, y, jnp.ones(3))
   p = 1 / (1 + np.exp(-np.asarray(z)))
   np.testing.assert_allclose(float(s), -(np.log(p[0]) + np.log(1 - p[1]) + np.log(p[2])), rtol=1e-6)
-  sl, _ = electra.smooth_l1(jnp.array([[0.0, 3.0]]), jnp.array([[0.5, 0.0]]), jnp.ones(1))
+  sl, _ = metrics_lib.smooth_l1(jnp.array([[0.0, 3.0]]), jnp.array([[0.5, 0.0]]), jnp.ones(1))
   np.testing.assert_allclose(float(sl), 0.125 + 2.5)
 
 
@@ -234,22 +235,22 @@ def test_zero_loss_weight_removes_that_losses_gradient():
 def test_binary_metrics_and_auc():
   logits = jnp.array([3.0, 2.0, -1.0, 0.5, -2.0, -3.0])
   labels = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
-  sums = electra.binary_metric_sums("rtd", logits, labels, jnp.ones(6))
-  m = electra.finalize_metrics(jax.device_get(sums))
+  sums = metrics_lib.binary_metric_sums("rtd", logits, labels, jnp.ones(6))
+  m = metrics_lib.finalize_metrics(jax.device_get(sums))
   assert m["rtd_acc"] == pytest.approx(4 / 6)
   assert m["rtd_precision"] == pytest.approx(2 / 3)
   assert m["rtd_recall"] == pytest.approx(2 / 3)
   # pairs (pos, neg) ranked correctly: 3*3 minus (-1 < 0.5) -> 8/9
   assert m["rtd_auc"] == pytest.approx(8 / 9, abs=1e-6)
   # a metric with nothing to count is absent, not zero
-  empty = electra.binary_metric_sums("r2d", logits, labels, jnp.zeros(6))
-  assert electra.finalize_metrics(jax.device_get(empty)) == {}
+  empty = metrics_lib.binary_metric_sums("r2d", logits, labels, jnp.zeros(6))
+  assert metrics_lib.finalize_metrics(jax.device_get(empty)) == {}
 
 
 def test_metric_sums_add_across_batches():
   a = {"x_acc": (jnp.array(3.0), jnp.array(4.0))}
   b = {"x_acc": (jnp.array(1.0), jnp.array(4.0))}
-  assert electra.finalize_metrics(electra.add_metric_sums(a, b))["x_acc"] == pytest.approx(0.5)
+  assert metrics_lib.finalize_metrics(metrics_lib.add_metric_sums(a, b))["x_acc"] == pytest.approx(0.5)
 
 
 def test_contrastive_terms_are_symmetric_infonce_over_the_rows_that_take_part():

@@ -14,6 +14,7 @@ import pytest
 from conftest import micro_config
 from mmelectra import evaluate, retrieval
 from mmelectra.model import MMElectra, model_config_from
+from mmelectra import workdir as workdir_lib
 
 RETRIEVAL_KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
 
@@ -116,8 +117,8 @@ def test_evaluate_all_writes_every_metric_and_tensorboard(trained):
 
 def test_evaluating_a_step_again_replaces_its_results(tmp_path):
   # Another protocol (split, pool) evaluates the same checkpoint again: its file is replaced.
-  evaluate.write_results(str(tmp_path), 7, {"step": 7, "itm_acc": 0.5, "split": "validation"})
-  evaluate.write_results(str(tmp_path), 7, {"step": 7, "itm_acc": 0.75, "split": "test"})
+  workdir_lib.write_eval_results(str(tmp_path), 7, {"step": 7, "itm_acc": 0.5, "split": "validation"})
+  workdir_lib.write_eval_results(str(tmp_path), 7, {"step": 7, "itm_acc": 0.75, "split": "test"})
   with open(tmp_path / "eval" / "step_7.json") as f:
     assert json.load(f) == {"step": 7, "itm_acc": 0.75, "split": "test"}
   assert os.listdir(tmp_path / "eval") == ["step_7.json"]
@@ -152,3 +153,24 @@ def test_watch_picks_up_a_checkpoint_written_after_it_started(trained, tmp_path)
   assert [s for s, _ in seen] == [3]
   assert os.path.exists(os.path.join(watched, "eval", "step_3.json"))
   assert "t2i_r1" in seen[0][1]
+
+
+def test_eval_every_evaluates_during_training_as_evaluate_does_afterwards(tmp_path):
+  """`config.eval_every`: the loop runs the evaluators on the live parameters; a later
+  `mmelectra evaluate` of the saved checkpoint gives the same figures."""
+  import ml_collections
+
+  from conftest import tiny_run_config
+  from mmelectra import train
+
+  config = ml_collections.ConfigDict(tiny_run_config(str(tmp_path / "tfds"), 2).to_dict())
+  config.update(eval_every=1, checkpoint_every=1)
+  run = str(tmp_path / "run")
+  train.train_and_evaluate(config, run)
+  assert sorted(os.listdir(os.path.join(run, "eval"))) == ["step_1.json", "step_2.json"]
+  with open(os.path.join(run, "eval", "step_2.json")) as f:
+    during = json.load(f)
+  step, after = evaluate.evaluate_workdir(run)
+  assert step == 2 and set(during) == set(after)
+  for key, value in after.items():
+    assert during[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6)), key

@@ -14,9 +14,11 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from configs import pretrain  # noqa: E402
 from conftest import tiny_data_cfg  # noqa: E402
-from mmelectra import checkpoint, config_lib, evaluate, export_hf, train  # noqa: E402
+from mmelectra import checkpoint, evaluate, export_hf, hf_params, hf_parity, import_hf  # noqa: E402
 from mmelectra import model as model_lib  # noqa: E402
 from mmelectra.data import pipeline, synthetic_scenes  # noqa: E402
+from mmelectra import setup as setup_lib
+from mmelectra import workdir as workdir_lib
 
 
 def _config(data_dir, objective="electra"):
@@ -42,18 +44,19 @@ def trained(tmp_path_factory):
   the same at the cost of compiling the train step; `make demo` exports a trained model.)
   """
   root = tmp_path_factory.mktemp("export")
-  config, special_ids = train.prepare_data_and_config(_config(str(root / "tfds")))
+  data = setup_lib.prepare_data(_config(str(root / "tfds")))
+  config, special_ids = data.config, data.special_ids
   workdir = str(root / "run")
   os.makedirs(workdir)
-  config_lib.save(config, workdir)
-  setup = train.build(config, special_ids)
-  state = train.init_state(setup, seed=0)
+  workdir_lib.save_config(config, workdir)
+  setup = setup_lib.build(config, special_ids)
+  state = setup_lib.init_state(setup, seed=0)
   leaves, treedef = jax.tree.flatten(state["params"])
   rng = np.random.default_rng(0)
   state["params"] = jax.tree.unflatten(
       treedef, [np.asarray(x) + rng.normal(0, 0.05, x.shape).astype(np.float32) for x in leaves])
   state["step"] = np.int32(3)
-  manager = checkpoint.make_manager(workdir)
+  manager = workdir_lib.training_manager(workdir)
   checkpoint.save(manager, 3, state)
   manager.wait_until_finished()
   manager.close()
@@ -62,7 +65,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(trained):
-  """(setup, step, state) of the run, as export reads it."""
+  """(setup, data context, step, {"params": ...}) of the run, as export reads it."""
   return evaluate.restore_workdir(trained)
 
 
@@ -78,13 +81,13 @@ def test_param_map_is_exact_and_covers_both_hf_classes():
     from conftest import micro_config
     config = micro_config(objective)
     cfg = model_lib.model_config_from(config)
-    hf_config = export_hf.hf_config_from(cfg)
+    hf_config = hf_params.hf_config_from(cfg)
     hf_keys = {k: tuple(v.shape) for k, v in transformers.LxmertForPreTraining(hf_config).state_dict().items()}
-    entries = export_hf.pretraining_param_map(cfg)
-    setup = train.build(config, {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
+    entries = hf_params.pretraining_param_map(cfg)
+    setup = setup_lib.build(config, {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
     params = jax.tree.map(lambda s: np.random.default_rng(0).normal(size=s.shape).astype(np.float32),
                           setup.abstract_state["params"])
-    sd = export_hf.params_to_hf(params, entries)
+    sd = hf_params.params_to_hf(params, entries)
     # Every key of LxmertForPreTraining but the tied decoder (and, for electra, the MLM
     # head ELECTRA does not have) comes from a trained parameter, with the right shape.
     expected = {k for k in hf_keys if k != "cls.predictions.decoder.weight"}
@@ -99,15 +102,15 @@ def test_param_map_is_exact_and_covers_both_hf_classes():
                 or (objective == "mlm" and p[0] == "mlm_head")}
     assert mapped == deployed
     # The layout changes are exact inverses.
-    back = export_hf.params_from_hf(sd, entries)
+    back = hf_params.params_from_hf(sd, entries)
     for path in mapped:
-      np.testing.assert_array_equal(export_hf._get(back, path), export_hf._get(params, path))
+      np.testing.assert_array_equal(hf_params.get_path(back, path), hf_params.get_path(params, path))
 
 
 def test_export_loads_in_both_classes_with_parity(restored, exported):
   out, step, diffs = exported
   assert step == 3
-  hf_model, hf_pretraining = export_hf.load_hf_models(out)  # raises on missing/unexpected keys
+  hf_model, hf_pretraining = hf_parity.load_hf_models(out)  # raises on missing/unexpected keys
   cfg = hf_model.config
   saved = restored[0].config
   assert (cfg.l_layers, cfg.r_layers, cfg.x_layers) == (1, 1, 1)
@@ -121,7 +124,7 @@ def test_export_loads_in_both_classes_with_parity(restored, exported):
   for name, d in diffs.items():
     assert set(d) == {"language_output", "vision_output", "pooled_output", "itm_logits"}
     for out_name, v in d.items():
-      assert v <= export_hf.PARITY_BOUND, (name, out_name, v)
+      assert v <= hf_parity.PARITY_BOUND, (name, out_name, v)
   info = json.load(open(os.path.join(out, export_hf.EXPORT_INFO_FILE)))
   assert info["untrained_keys"] and all(k.startswith("cls.predictions.") for k in info["untrained_keys"])
   heads = load_file(os.path.join(out, export_hf.HEADS_FILE))
@@ -131,11 +134,11 @@ def test_export_loads_in_both_classes_with_parity(restored, exported):
 
 
 def test_parity_inputs_have_padding_and_the_check_can_fail(restored, tmp_path):
-  setup, _, state = restored
-  batch = export_hf.validation_batch(setup.config, 16)
+  setup, data, _, state = restored
+  batch = export_hf.validation_batch(data, 16)
   real = batch["example_mask"]
   assert (~batch["text_mask"][real]).any() and (~batch["region_mask"][real]).any()
-  rand = export_hf.random_inputs(setup.model.cfg, {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
+  rand = hf_parity.random_inputs(setup.model.cfg, {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
                                  8, setup.config.data.max_text_len, setup.config.model.num_regions)
   assert (~rand["text_mask"]).any() and (~rand["region_mask"]).any()
   # A wrong map (key and value swapped in one layer) is caught.
@@ -145,13 +148,13 @@ def test_parity_inputs_have_padding_and_the_check_can_fail(restored, tmp_path):
   bad = str(tmp_path / "bad")
   tok = pipeline.load_tokenizer(setup.config.data)
   export_hf.export(params, setup.config, tok, bad)
-  diffs = export_hf.verify(bad, setup.model, jax.device_get(state["params"]), {"random": rand})
-  assert export_hf.parity_failures(diffs)
+  diffs = hf_parity.verify(bad, setup.model, jax.device_get(state["params"]), {"random": rand})
+  assert hf_parity.parity_failures(diffs)
 
 
 def test_tokenizer_matches_mmelectra(restored, exported):
   out, _, _ = exported
-  setup, _, _ = restored
+  setup, _, _, _ = restored
   data = setup.config.data
   tok = pipeline.load_tokenizer(data)
   special = {k: tok.token_to_id(t) for k, t in
@@ -190,29 +193,29 @@ def _random_hf_dir(path, tokenizer, visual_feat_dim, vocab_size):
 
 
 def test_import_reproduces_hf_and_round_trip_is_exact(restored, tmp_path):
-  setup, _, _ = restored
+  setup, _, _, _ = restored
   data_cfg = setup.config.data
   hf_dir = str(tmp_path / "hf_in")
   hf = _random_hf_dir(hf_dir, pipeline.load_tokenizer(data_cfg), setup.config.model.visual_feat_dim,
                       setup.config.model.vocab_size)
   workdir = str(tmp_path / "imported")
   base = _config(data_cfg.data_dir, objective="mlm")
-  summary = export_hf.import_hf(hf_dir, workdir, base)
+  summary = import_hf.import_hf(hf_dir, workdir, base)
   assert "mlm_head/bias" in summary["loaded"] and "itm_head/kernel" in summary["loaded"]
   assert any(p.startswith("moc_head/") for p in summary["initialised"])
   assert any(k.startswith("answer_head.") for k in summary["hf_keys_not_used"])
   assert any(k.startswith("obj_predict_head.") for k in summary["hf_keys_not_used"])
   # mmelectra's encoder, restored from the imported workdir, reproduces the HF model.
-  setup2, step, state = evaluate.restore_workdir(workdir)
+  setup2, _, step, state = evaluate.restore_workdir(workdir)
   assert step == 0 and setup2.config.model.l_layers == 2 and setup2.config.model.num_heads == 4
-  assert set(state) >= {"step", "params", "opt"} and "generator" not in state["params"]
-  batch = export_hf.random_inputs(setup2.model.cfg, {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
+  assert set(state) == {"params"} and "generator" not in state["params"]  # parameters only
+  batch = hf_parity.random_inputs(setup2.model.cfg, {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
                                   6, data_cfg.max_text_len, setup2.config.model.num_regions, seed=1)
-  diffs = export_hf.max_abs_diffs(export_hf.jax_outputs(setup2.model, state["params"], batch),
-                                  export_hf.hf_outputs(hf.lxmert, hf, batch), batch)
-  assert not export_hf.parity_failures({"random": diffs}), diffs
+  diffs = hf_parity.max_abs_diffs(hf_parity.jax_outputs(setup2.model, state["params"], batch),
+                                  hf_parity.hf_outputs(hf.lxmert, hf, batch), batch)
+  assert not hf_parity.parity_failures({"random": diffs}), diffs
   # A new run can start from it with init_from: every encoder parameter comes across.
-  params, report = checkpoint.load_pretrained_params(workdir, jax.device_get(state["params"]))
+  params, report = workdir_lib.load_pretrained_params(workdir, jax.device_get(state["params"]))
   assert not report.new and not report.mismatched
   assert set(summary["loaded"]) <= set(report.loaded)
   # export(import(x)) == x: every tensor of the original that mmelectra keeps, bit for bit.

@@ -14,6 +14,7 @@ from mmelectra import finetune
 from mmelectra.data import synthetic_vqa
 from mmelectra.data import vqa as vqa_data
 from mmelectra.model import DEPLOYED_PARAM_PREFIXES
+from mmelectra import workdir as workdir_lib
 
 
 # Compile time dominates these tiny programs (conftest.fast_compile).
@@ -104,7 +105,7 @@ def test_vqa_finetune_loads_exactly_the_encoder_and_loss_falls(tiny_pretrained_r
                                                       "optimizer.layer_decay": 0.8,
                                                       "optimizer.head_learning_rate": 4e-3})
   results = finetune.finetune(cfg, workdir)
-  with open(os.path.join(workdir, "init_report.json")) as f:
+  with open(os.path.join(workdir, "init_from.json")) as f:
     report = json.load(f)
   # Loaded: every deployed parameter, nothing else; new: the VQA head only; dropped: the
   # generator and the pretraining heads, nothing of the deployed model.
@@ -130,7 +131,7 @@ def test_retrieval_finetune_with_hard_negatives(tiny_pretrained_run, tmp_path):
                 **{"retrieval.num_candidates": 5, "eval.retrieval_pool": 5,
                    "eval.retrieval_pairs_per_call": 9, "init_mode": "random"})
   results = finetune.finetune(cfg, workdir)
-  assert not os.path.exists(os.path.join(workdir, "init_report.json"))  # random: nothing loaded
+  assert not os.path.exists(os.path.join(workdir, "init_from.json"))  # random: nothing loaded
   for key in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r10"):
     assert 0.0 <= results[key] <= 1.0
   assert results["t2i_r5"] == 1.0  # a pool of 5
@@ -164,11 +165,51 @@ def test_hard_negatives_are_never_the_positive():
 
 
 def test_init_from_may_name_one_checkpoint(tiny_pretrained_run):
-  from mmelectra import config_lib
   step_dir = os.path.join(tiny_pretrained_run, "checkpoints", "3")
   assert os.path.isdir(step_dir)
   for path in (tiny_pretrained_run, os.path.join(tiny_pretrained_run, "checkpoints"), step_dir):
-    assert config_lib.run_dir(path) == os.path.normpath(tiny_pretrained_run)
-  assert config_lib.run_dir("/no/such/run") == "/no/such/run"  # load() then names it
+    assert workdir_lib.run_dir(path) == os.path.normpath(tiny_pretrained_run)
+  assert workdir_lib.run_dir("/no/such/run") == "/no/such/run"  # load() then names it
   task, data = finetune.build_task(_config(finetune_vqa, step_dir, **{"vqa.questions_per_image": 1}))
   assert task.pre_config.model.hidden_size == 32 and set(data) == {"train", "test"}
+
+
+def test_a_finetune_stopped_by_sigterm_resumes_to_the_uninterrupted_parameters(
+    tiny_pretrained_run, tmp_path, monkeypatch):
+  """The loop pretraining uses: a SIGTERM saves at the next step boundary, a rerun resumes
+  from that checkpoint (state and data position) and ends where an uninterrupted run ends."""
+  import signal
+
+  import orbax.checkpoint as ocp
+
+  from mmelectra import metric_writer
+
+  cfg = _config(finetune_vqa, tiny_pretrained_run, workdir_steps=6,
+                **{"vqa.questions_per_image": 2, "eval.batch_size": 6, "log_every": 1,
+                   "checkpoint_every": 4, "max_checkpoints_to_keep": None})
+  ref = str(tmp_path / "ref")
+  want = finetune.finetune(cfg, ref)
+
+  run = str(tmp_path / "run")
+  real_advance = metric_writer.MetricWriter.advance
+
+  def advance(self, step, last):
+    real_advance(self, step, last)
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's notice during step 4's input
+
+  monkeypatch.setattr(metric_writer.MetricWriter, "advance", advance)
+  assert finetune.finetune(cfg, run) == {"step": 3, "preempted": True}
+  monkeypatch.undo()
+  assert sorted(ocp.path.step.checkpoint_steps(os.path.join(run, "checkpoints"))) == [3]
+  got = finetune.finetune(cfg, run)  # the same command again: resumes at step 3
+
+  assert got["vqa_acc"] == want["vqa_acc"]
+  read = lambda w: ocp.StandardCheckpointer().restore(os.path.join(w, "checkpoints", "6", "state"))
+  a, b = read(ref), read(run)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
+  ref_rows, run_rows = _rows(ref), _rows(run)
+  assert [r["step"] for r in run_rows] == list(range(1, 7))
+  assert [r["loss"] for r in run_rows] == [r["loss"] for r in ref_rows]

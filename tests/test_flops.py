@@ -5,7 +5,9 @@ import pytest
 
 from configs import pretrain
 from conftest import SPECIAL_IDS, random_batch
-from mmelectra import flops, train
+from mmelectra import flops
+from mmelectra import setup as setup_lib
+from mmelectra import train_step
 
 
 def _tiny(objective, moc, clm=0.0, itc=0.0, **model):
@@ -30,9 +32,9 @@ def test_train_step_flops_match_xla_cost_analysis(objective, generator, clm, itc
   # costs a minute on 2 cores and moved the figures by <0.3% when checked); it includes
   # elementwise work that the analytic matmul count leaves out, so analytic <= XLA.
   c = _tiny(objective, "sample", clm=clm, itc=itc, generator=generator)
-  setup = train.build(c, SPECIAL_IDS)
-  step = train.make_train_step(setup)
-  lowered = step.lower(setup.abstract_state, train.to_global(random_batch(c), setup.mesh))
+  setup = setup_lib.build(c, SPECIAL_IDS)
+  step = train_step.make_train_step(setup)
+  lowered = step.lower(setup.abstract_state, setup_lib.to_global(random_batch(c), setup.mesh))
   cost = lowered.cost_analysis()
   xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
   analytic = flops.train_step_flops(c)

@@ -7,16 +7,23 @@ import numpy as np
 import pytest
 
 from conftest import SPECIAL_IDS, micro_config, random_batch
-from mmelectra import objectives, train
+from mmelectra import objectives, optim
 from mmelectra.model import DEPLOYED_PARAM_PREFIXES, MMElectra, deployed_params, model_config_from
+from mmelectra import setup as setup_lib
 
 # Micro models: XLA's compile time dominates their run time.
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
+def _jit_grad(f):
+  # Jitted: JAX's op-by-op dispatch of the whole objective's gradient took about a minute
+  # on CPU, one compile of it takes seconds.
+  return jax.jit(jax.grad(f))
+
+
 def _boxed_params(config):
-  init = lambda r: train._init_state(r, model=MMElectra(model_config_from(config)),
-                                     tx=train.optim.make_optimizer(config)[0], config=config)
+  init = lambda r: setup_lib._init_state(r, model=MMElectra(model_config_from(config)),
+                                         tx=optim.make_optimizer(config)[0], config=config)
   return jax.eval_shape(init, jax.random.key(0))["params"]
 
 
@@ -52,8 +59,8 @@ def test_generator_is_narrower_and_shares_the_embeddings():
 
 def test_generator_reads_the_discriminators_embedding_arrays():
   config = micro_config()
-  setup = train.build(config, SPECIAL_IDS)
-  state = train.init_state(setup, 0)
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  state = setup_lib.init_state(setup, 0)
   batch = jax.tree.map(jnp.asarray, random_batch(config))
 
   def gen_loss(params):
@@ -64,7 +71,7 @@ def test_generator_reads_the_discriminators_embedding_arrays():
     ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
     return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[0]
 
-  grads = jax.grad(gen_loss)(state["params"])
+  grads = _jit_grad(gen_loss)(state["params"])
   assert float(jnp.abs(grads["embeddings"]["word_embeddings"]["embedding"]).sum()) > 0
   assert float(jnp.abs(grads["visual_embeddings"]["visn_fc"]["kernel"]).sum()) > 0
   # ... and not the discriminator's own layers or heads.
@@ -80,9 +87,9 @@ def test_per_modality_generator_reads_one_modality_per_head():
   positions = np.array([[1, 2]] * 8, np.int32)
   for kind in ("per_modality", "crossmodal"):
     config = micro_config(**{"model.generator": kind})
-    setup = train.build(config, SPECIAL_IDS)
-    params = train.init_state(setup, 0)["params"]
-
+    setup = setup_lib.build(config, SPECIAL_IDS)
+    params = setup_lib.init_state(setup, 0)["params"]
+    @jax.jit
     def generate(text, image):
       return setup.model.apply(
           {"params": params}, text["text_ids"], text["text_mask"], image["region_feats"],
@@ -109,8 +116,8 @@ def test_corrective_lm_trains_the_discriminator_to_predict_the_original_words_an
   assert params["clm_head"]["transform"]["kernel"].shape[0] == config.model.hidden_size
   assert params["cmoc_head"]["transform"]["kernel"].shape[0] == config.model.hidden_size
   assert not {"clm_head", "cmoc_head"} & set(nn.unbox(_boxed_params(micro_config())))
-  setup = train.build(config, SPECIAL_IDS)
-  state = train.init_state(setup, 0)
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  state = setup_lib.init_state(setup, 0)
   batch = jax.tree.map(jnp.asarray, random_batch(config))
   ocfg = setup.ocfg
   weights = {k: 0.0 for k in ocfg.weights} | {"clm": 1.0}
@@ -141,10 +148,10 @@ def test_corrective_lm_trains_the_discriminator_to_predict_the_original_words_an
 
 def test_contrastive_alignment_reads_each_modality_alone_and_trains_below_the_cross_layers():
   config = micro_config(**{"loss_weights.itc": 1.0})
-  setup = train.build(config, SPECIAL_IDS)
-  params = train.init_state(setup, 0)["params"]
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  params = setup_lib.init_state(setup, 0)["params"]
   b, other = random_batch(config), random_batch(config, seed=1)
-
+  @jax.jit
   def embed(text, image):
     return setup.model.apply({"params": params}, text["text_ids"], text["text_mask"],
                              image["region_feats"], image["region_boxes"], image["region_mask"],
@@ -167,7 +174,7 @@ def test_contrastive_alignment_reads_each_modality_alone_and_trains_below_the_cr
   loss_fn = lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0), only_itc, True)
   loss, sums = loss_fn(params)
   assert "itc_acc" in sums and float(loss) > 0
-  grads = jax.grad(lambda p: loss_fn(p)[0])(params)
+  grads = _jit_grad(lambda p: loss_fn(p)[0])(params)
   assert float(jnp.abs(grads["encoder"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["encoder"]["r_layer_0"]["ffn"]["output"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) == 0
@@ -178,14 +185,14 @@ def test_discriminator_mask_fraction_reads_masked_slots_masked_on_a_schedule():
   config = micro_config(discriminator_mask_fraction=1.0, discriminator_region_mask_fraction=1.0,
                         discriminator_mask_decay_steps=100,
                         **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
-  setup = train.build(config, SPECIAL_IDS)
+  setup = setup_lib.build(config, SPECIAL_IDS)
   ocfg = setup.ocfg
   fraction = lambda step, o=ocfg: float(objectives.discriminator_mask_fraction(
       o, None if step is None else jnp.asarray(step)))
   assert [fraction(0), fraction(50), fraction(100), fraction(500), fraction(None)] == [1.0, 0.5, 0.0, 0.0, 0.0]
   held = objectives.ObjectiveConfig(**{**ocfg.__dict__, "discriminator_mask_hold_steps": 40})
   assert [fraction(s, held) for s in (0, 40, 90, 140)] == [1.0, 1.0, 0.5, 0.0]
-  params = train.init_state(setup, 0)["params"]
+  params = setup_lib.init_state(setup, 0)["params"]
   batch = jax.tree.map(jnp.asarray, random_batch(config))
 
   def sums_at(step):
@@ -218,13 +225,13 @@ def test_tied_generator_runs_the_discriminators_encoder():
   assert "generator" not in params and "generator_projection" not in params
   # Its heads are its own, at full width.
   assert params["generator_mlm_head"]["transform"]["kernel"].shape[0] == config.model.hidden_size
-  setup = train.build(config, SPECIAL_IDS)
-  state = train.init_state(setup, 0)
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  state = setup_lib.init_state(setup, 0)
   batch = jax.tree.map(jnp.asarray, random_batch(config))
   ocfg = setup.ocfg
   weights = dict(ocfg.weights, moc=0.0, r2d=0.0, rtd=0.0, itm=0.0)
   ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
-  grads = jax.grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
+  grads = _jit_grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
                                                        ocfg, True)[0])(state["params"])
   # The generator's MLM loss alone now trains the shared encoder's layers.
   assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) > 0
@@ -241,15 +248,15 @@ def test_itm_on_the_masked_pair_needs_a_tied_generator_and_reads_its_pass():
   with pytest.raises(ValueError, match="generator='tied'"):
     objectives.objective_config_from(micro_config(itm_input="masked"), SPECIAL_IDS)
   config = micro_config(itm_input="masked", **{"model.generator": "tied"})
-  setup = train.build(config, SPECIAL_IDS)
-  state = train.init_state(setup, 0)
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  state = setup_lib.init_state(setup, 0)
   batch = jax.tree.map(jnp.asarray, random_batch(config))
   ocfg = setup.ocfg
   assert ocfg.itm_input == "masked"
   weights = dict(ocfg.weights, moc=0.0, mlm=0.0, r2d=0.0, rtd=0.0)
   ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
   loss_fn = lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0), ocfg, True)[0]
-  grads = jax.grad(loss_fn)(state["params"])
+  grads = _jit_grad(loss_fn)(state["params"])
   assert float(jnp.abs(grads["itm_head"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) > 0
   # The ITM loss reads the masked pair: which tokens the generator writes back (here
@@ -272,8 +279,8 @@ def test_deployed_model_has_no_generator_or_discriminator_heads():
   assert not any(k.startswith(("generator", "rtd", "r2d")) for k in kept)
   # The deployed subset alone runs the encoder.
   config = micro_config()
-  setup = train.build(config, SPECIAL_IDS)
-  kept = deployed_params(train.init_state(setup, 0)["params"])
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  kept = deployed_params(setup_lib.init_state(setup, 0)["params"])
   b = random_batch(config)
   lang, vis, pooled = setup.model.apply({"params": kept}, b["text_ids"], b["text_mask"], b["region_feats"],
                                   b["region_boxes"], b["region_mask"], method=MMElectra.encode)
@@ -283,8 +290,8 @@ def test_deployed_model_has_no_generator_or_discriminator_heads():
 
 def test_bfloat16_compute_keeps_float32_parameters():
   config = micro_config(**{"model.dtype": "bfloat16"})
-  setup = train.build(config, SPECIAL_IDS)
-  state = train.init_state(setup, 0)
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  state = setup_lib.init_state(setup, 0)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
   b = random_batch(config)
   lang, _, _ = setup.model.apply({"params": state["params"]}, b["text_ids"], b["text_mask"],
@@ -298,10 +305,10 @@ def test_gradient_at_init_is_well_conditioned_with_masked_regions():
   # LayerNorm(eps=1e-12) input is constant and the bias gradient was ~1e4, which global
   # clipping turned into no learning for every other parameter.
   config = micro_config()
-  setup = train.build(config, SPECIAL_IDS)
-  state = train.init_state(setup, 0)
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  state = setup_lib.init_state(setup, 0)
   batch = jax.tree.map(jnp.asarray, random_batch(config))
-  grads = jax.grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
+  grads = _jit_grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
                                                        setup.ocfg, True)[0])(state["params"])
   norms = {jax.tree_util.keystr(k): float(jnp.linalg.norm(v))
            for k, v in jax.tree_util.tree_flatten_with_path(grads)[0]}

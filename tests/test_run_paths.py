@@ -4,28 +4,26 @@ and the metrics file is written the same way whether appended to or rewritten wh
 import json
 import os
 
-from mmelectra import checkpoint
-from mmelectra import config_lib
-from mmelectra import evaluate
+from mmelectra import workdir as workdir_lib
 from mmelectra.metric_writer import MetricWriter
 
 
 def test_bucket_workdirs_keep_their_scheme():
-  assert checkpoint.checkpoint_dir("gs://bucket/runs/base") == "gs://bucket/runs/base/checkpoints"
-  assert os.fspath(checkpoint.run_path("gs://bucket/runs/base/")).startswith("gs://bucket/runs/base")
-  assert evaluate.eval_json_path("gs://bucket/r", 7) == "gs://bucket/r/eval/step_7.json"
+  assert workdir_lib.checkpoint_dir("gs://bucket/runs/base") == "gs://bucket/runs/base/checkpoints"
+  assert os.fspath(workdir_lib.path("gs://bucket/runs/base/")).startswith("gs://bucket/runs/base")
+  assert workdir_lib.eval_json_path("gs://bucket/r", 7) == "gs://bucket/r/eval/step_7.json"
 
 
 def test_local_workdirs_become_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert checkpoint.checkpoint_dir("run") == os.path.join(str(tmp_path), "run", "checkpoints")
+  assert workdir_lib.checkpoint_dir("run") == os.path.join(str(tmp_path), "run", "checkpoints")
 
 
 def test_run_dir_finds_the_workdir_of_a_step_directory(tmp_path):
   (tmp_path / "checkpoints" / "40").mkdir(parents=True)
   (tmp_path / "config.json").write_text("{}")
-  assert config_lib.run_dir(str(tmp_path / "checkpoints" / "40")) == str(tmp_path)
-  assert config_lib.run_dir(str(tmp_path / "checkpoints")) == str(tmp_path)
+  assert workdir_lib.run_dir(str(tmp_path / "checkpoints" / "40")) == str(tmp_path)
+  assert workdir_lib.run_dir(str(tmp_path / "checkpoints")) == str(tmp_path)
 
 
 def test_rewritten_metrics_file_equals_the_appended_one(tmp_path):

@@ -17,8 +17,11 @@ import pytest
 
 from conftest import SPECIAL_IDS, micro_config, random_batch, tiny_data_cfg
 from configs import pretrain
-from mmelectra import checkpoint, finetune, sharding, train
+from mmelectra import checkpoint, finetune, sharding
 from mmelectra import model as model_lib
+from mmelectra import setup as setup_lib
+from mmelectra import train_step
+from mmelectra import workdir as workdir_lib
 
 # Two layers in the L and X stacks, so stacking and its order are exercised.
 LAYERS = {"model.l_layers": 2, "model.r_layers": 1, "model.x_layers": 2}
@@ -82,8 +85,8 @@ def test_scanned_encoder_matches_unrolled_from_converted_params(layers):
 
 def test_stacked_params_have_the_layers_axis_first_and_it_is_not_sharded():
   config = _config(True)
-  setup = train.build(config, SPECIAL_IDS)
-  init = lambda r: train._init_state(r, model=setup.model, tx=setup.tx, config=config)  # noqa: E731
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  init = lambda r: setup_lib._init_state(r, model=setup.model, tx=setup.tx, config=config)  # noqa: E731
   params = jax.eval_shape(init, jax.random.key(0))["params"]
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
   rules = sharding.axis_rules(config)
@@ -112,9 +115,9 @@ def test_stacked_params_have_the_layers_axis_first_and_it_is_not_sharded():
 
 def _init_both(**overrides):
   """(unrolled setup, state), (scanned setup, state) with the same parameters."""
-  su = train.build(_config(False, **overrides), SPECIAL_IDS)
-  ss = train.build(_config(True, **overrides), SPECIAL_IDS)
-  state_u = train.init_state(su, 0)
+  su = setup_lib.build(_config(False, **overrides), SPECIAL_IDS)
+  ss = setup_lib.build(_config(True, **overrides), SPECIAL_IDS)
+  state_u = setup_lib.init_state(su, 0)
   params_s = model_lib.scan_params(state_u["params"])
   # A fresh step counter: the train step donates (deletes) its input state's arrays.
   state_s = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params_s,
@@ -130,9 +133,9 @@ def test_one_train_step_scanned_equals_unrolled():
   batch = random_batch(su.config)
   out = {}
   for name, (setup, state) in (("unrolled", (su, state_u)), ("scanned", (ss, state_s))):
-    step = train.make_train_step(setup)
+    step = train_step.make_train_step(setup)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      new, sums = step(state, train.to_global(batch, setup.mesh))
+      new, sums = step(state, setup_lib.to_global(batch, setup.mesh))
     out[name] = jax.device_get((new["params"], sums))
   (pu, su_sums), (ps, ss_sums) = out["unrolled"], out["scanned"]
   for k in su_sums:
@@ -149,16 +152,16 @@ def test_one_train_step_scanned_equals_unrolled():
 
 
 def _save_params(workdir, params):
-  manager = checkpoint.make_manager(str(workdir))
+  manager = workdir_lib.training_manager(str(workdir))
   checkpoint.save(manager, 1, {"step": np.int32(1), "params": params})
   manager.wait_until_finished()
   manager.close()
 
 
 def test_init_from_either_layout_into_either_layout(tmp_path):
-  su = train.build(_config(False), SPECIAL_IDS)
-  ss = train.build(_config(True), SPECIAL_IDS)
-  mlm_s = train.build(_config(True, objective="mlm"), SPECIAL_IDS)
+  su = setup_lib.build(_config(False), SPECIAL_IDS)
+  ss = setup_lib.build(_config(True), SPECIAL_IDS)
+  mlm_s = setup_lib.build(_config(True, objective="mlm"), SPECIAL_IDS)
   rng = np.random.default_rng(0)
   fill = lambda a: jax.device_put(rng.normal(size=a.shape).astype(a.dtype), a.sharding)  # noqa: E731
   src_u = jax.tree.map(fill, su.abstract_state["params"])
@@ -169,7 +172,7 @@ def test_init_from_either_layout_into_either_layout(tmp_path):
   for src in ("u", "s"):
     for setup in (su, ss):
       target = jax.tree.map(fill, setup.abstract_state["params"])
-      params, report = checkpoint.load_pretrained_params(str(tmp_path / src), target)
+      params, report = workdir_lib.load_pretrained_params(str(tmp_path / src), target)
       assert jax.tree.structure(params) == jax.tree.structure(target)
       assert not report.new and not report.dropped and set(report.loaded) == set(canonical)
       assert "encoder/l_layer_1/ffn/output/kernel" in report.loaded  # unrolled names
@@ -179,7 +182,7 @@ def test_init_from_either_layout_into_either_layout(tmp_path):
         assert got.sharding == want.sharding
   # Partial: a scanned electra checkpoint into a scanned mlm model (no generator, own heads).
   target = jax.tree.map(fill, mlm_s.abstract_state["params"])
-  params, report = checkpoint.load_pretrained_params(str(tmp_path / "s"), target)
+  params, report = workdir_lib.load_pretrained_params(str(tmp_path / "s"), target)
   assert any(n.startswith("generator/l_layer_1/") for n in report.dropped)
   assert any(n.startswith("mlm_head/") for n in report.new)
   got = checkpoint.flatten_names(model_lib.unscan_params(jax.device_get(params)))
@@ -216,6 +219,8 @@ def test_export_from_scanned_params_equals_export_from_unrolled(tmp_path):
   from safetensors.numpy import load_file
 
   from mmelectra import export_hf
+
+  from mmelectra import hf_parity
   from mmelectra.data import pipeline
 
   def config(scan):
@@ -223,10 +228,10 @@ def test_export_from_scanned_params_equals_export_from_unrolled(tmp_path):
     c["model"].update(hidden_size=32, num_heads=2, mlp_dim=64, l_layers=2, r_layers=1, x_layers=2,
                       generator_width_ratio=0.5, max_position=32, scan_layers=scan)
     c["data"] = tiny_data_cfg(str(tmp_path / "tfds"), regions="crops").to_dict()
-    return train.prepare_data_and_config(ml_collections.ConfigDict(c))[0]
+    return setup_lib.prepare_data(ml_collections.ConfigDict(c)).config
 
   cu, cs = config(False), config(True)
-  su = train.build(cu, SPECIAL_IDS)
+  su = setup_lib.build(cu, SPECIAL_IDS)
   rng = np.random.default_rng(0)
   params_u = jax.tree.map(lambda a: rng.normal(0, 0.05, a.shape).astype(np.float32),
                           su.abstract_state["params"])
@@ -242,10 +247,10 @@ def test_export_from_scanned_params_equals_export_from_unrolled(tmp_path):
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   # And the scanned JAX model matches the exported PyTorch model.
   model_s = model_lib.MMElectra(model_lib.model_config_from(cs))
-  batch = export_hf.random_inputs(model_s.cfg, SPECIAL_IDS, 4, cs.data.max_text_len,
+  batch = hf_parity.random_inputs(model_s.cfg, SPECIAL_IDS, 4, cs.data.max_text_len,
                                   cs.model.num_regions)
-  diffs = export_hf.verify(out_s, model_s, params_s, {"random": batch})
-  assert not export_hf.parity_failures(diffs), diffs
+  diffs = hf_parity.verify(out_s, model_s, params_s, {"random": batch})
+  assert not hf_parity.parity_failures(diffs), diffs
 
 
 def test_finetune_a_scanned_encoder_from_an_unrolled_run(tiny_pretrained_run):

@@ -16,6 +16,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from conftest import ROOT, micro_config
 from mmelectra import sharding
+from mmelectra import setup as setup_lib
+from mmelectra import train_step
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
@@ -44,7 +46,7 @@ def _worker():
 
   jax.config.update("jax_disable_most_optimizations", True)
   from conftest import SPECIAL_IDS, random_batch
-  from mmelectra import collectives, electra, train
+  from mmelectra import collectives, electra
   from mmelectra import model as model_lib
 
   out = {"devices": jax.device_count()}
@@ -80,24 +82,24 @@ def _worker():
     orig = sharding.make_mesh
     sharding.make_mesh = lambda cfg, devs=None: orig(cfg, devices)
     try:
-      setup = train.build(c, SPECIAL_IDS)
+      setup = setup_lib.build(c, SPECIAL_IDS)
     finally:
       sharding.make_mesh = orig
     if scan_layers:  # the one-device initial parameters, stacked (Adam's moments start at 0)
-      state = train.init_state(setup, 0)
+      state = setup_lib.init_state(setup, 0)
       state["params"] = jax.device_put(model_lib.scan_params(init_from["params"]),
                                        setup.state_shardings["params"])
     elif init_from is None:  # sharded init (jit with out_shardings)
-      state = train.init_state(setup, 0)
+      state = setup_lib.init_state(setup, 0)
     else:  # the same initial values, placed into this mesh's shardings (saves a compile)
       state = jax.device_put(init_from, setup.state_shardings)
     initial = jax.device_get(state)
     split = {}
     for path, x in jax.tree_util.tree_leaves_with_path(state["params"]):
       split[jax.tree_util.keystr(path)] = [int(x.size), not x.sharding.is_fully_replicated]
-    step = train.make_train_step(setup)
+    step = train_step.make_train_step(setup)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      state, sums = step(state, train.to_global(random_batch(c), setup.mesh))
+      state, sums = step(state, setup_lib.to_global(random_batch(c), setup.mesh))
     sums = jax.device_get(sums)
     return {"init": initial, "loss": float(sums["loss"][0] / sums["loss"][1]),
             "grad_norm": float(sums["grad_norm"][0]),

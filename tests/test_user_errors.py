@@ -17,9 +17,10 @@ from PIL import Image
 
 from conftest import ROOT, micro_config
 from configs import finetune_retrieval, finetune_vqa, pretrain
-from mmelectra import config_lib, errors, evaluate, export_hf, metric_writer, train
+from mmelectra import config_lib, errors, evaluate, export_hf, import_hf, metric_writer, train
 from mmelectra.data import bad_records, image_text_folder, images
 from mmelectra.data import vqa as vqa_data
+from mmelectra import workdir as workdir_lib
 
 CONFIG = f"--config={ROOT}/configs/pretrain.py:size=tiny,runlocal"
 
@@ -131,15 +132,15 @@ def test_no_command_damages_a_run_it_was_not_asked_to_write(tiny_pretrained_run,
     with pytest.raises(errors.InvalidInput, match="is a mmelectra run directory"):
       export_hf.export_workdir(run, out)
   # a resume with another model size is refused, and leaves every file as it was
-  config = ml_collections.ConfigDict(config_lib.load(run).to_dict())
+  config = ml_collections.ConfigDict(workdir_lib.load_config(run).to_dict())
   config.model.hidden_size = 64
   with pytest.raises(errors.InvalidInput, match="does not match the config"):
     train.train_and_evaluate(config, run)
   # fine-tuning into a pretraining run, or importing over it, is refused
   with pytest.raises(errors.InvalidInput, match="holds a pretraining run"):
-    config_lib.check_workdir_kind(run, "finetune")
+    workdir_lib.check_kind(run, "finetune")
   with pytest.raises(errors.InvalidInput, match="already holds a run"):
-    export_hf.import_hf(str(tmp_path / "no_hf"), run, pretrain.get_config())
+    import_hf.import_hf(str(tmp_path / "no_hf"), run, pretrain.get_config())
   assert _files(run) == before
   # pretraining into a Hugging Face export's directory is refused too
   hf = tmp_path / "hf"
@@ -169,8 +170,8 @@ def test_an_unreadable_newest_checkpoint_falls_back_unless_strict(tiny_pretraine
   data = os.path.join(ckpts, "5", "state", "ocdbt.process_0", "d")
   biggest = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
   os.truncate(biggest, os.path.getsize(biggest) // 2)
-  _, step, state = evaluate.restore_workdir(run)
-  assert step == 3 and int(state["step"]) == 3
+  _, _, step, state = evaluate.restore_workdir(run)
+  assert step == 3 and set(state) == {"params"}
   assert any("checkpoint step 5" in r.getMessage() and "cannot be read" in r.getMessage()
              for r in caplog.records)
   with pytest.raises(errors.InvalidInput, match=r"checkpoint step 5 in .* cannot be read"):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 
 from absl import flags
@@ -45,6 +44,7 @@ import tokenizers
 
 from mmelectra import errors
 from mmelectra.data import bad_records
+from mmelectra.data import batch as batch_lib
 from mmelectra.data import captioned_builder
 from mmelectra.data import datasets
 from mmelectra.data import images as images_lib
@@ -75,7 +75,7 @@ def prepared_builder(data_cfg):
 def load_tokenizer(data_cfg) -> tokenizers.Tokenizer:
   """`config.data.tokenizer` (a BERT vocab.txt, tokenizer.json or directory) if set, else
   the WordPiece tokenizer saved beside the prepared data set."""
-  if data_cfg.get("tokenizer"):
+  if data_cfg.tokenizer:
     return tokenizer_lib.load(os.path.expanduser(data_cfg.tokenizer))
   return tokenizer_lib.load(os.fspath(prepared_builder(data_cfg).data_dir))
 
@@ -86,8 +86,7 @@ def build_report(data_cfg) -> dict:
 
 
 def on_bad_record(data_cfg) -> str:
-  # Configs saved in workdirs before the field existed read as "error".
-  return bad_records.check_policy(data_cfg.get("on_bad_record", "error"))
+  return bad_records.check_policy(data_cfg.on_bad_record)
 
 
 def example_table(builder, split: str, data_cfg) -> np.ndarray | None:
@@ -99,7 +98,7 @@ def example_table(builder, split: str, data_cfg) -> np.ndarray | None:
   if data_cfg.name == "synthetic_scenes":
     return None
   counts = captioned_builder.caption_counts(builder, split)
-  if not data_cfg.get("all_captions", True):
+  if not data_cfg.all_captions:
     return np.stack([np.arange(len(counts)), np.zeros(len(counts), np.int64)], 1).astype(np.int32)
   records = np.repeat(np.arange(len(counts)), counts)
   starts = np.cumsum(counts) - counts
@@ -120,18 +119,8 @@ def dataset_size(data_cfg, split: str) -> int:
 # --- one record -> one example ----------------------------------------------------------
 def empty_example(data_cfg, pad_id: int = 0) -> dict[str, np.ndarray]:
   """The padding example: right shapes, every mask False, labels and image_id -1."""
-  text_len = data_cfg.max_text_len
-  k, dv = regions_lib.num_regions(data_cfg), regions_lib.feature_dim(data_cfg)
-  example = {
-      "text_ids": np.full(text_len, pad_id, np.int32),
-      "text_mask": np.zeros(text_len, bool),
-      "region_feats": np.zeros((k, dv), np.float32),
-      "region_boxes": np.zeros((k, 4), np.float32),
-      "region_mask": np.zeros(k, bool),
-      "region_labels": np.full(k, -1, np.int32),
-      "image_id": np.int32(-1),
-      "example_mask": np.bool_(False),
-  }
+  example = batch_lib.padding_example(data_cfg.max_text_len, regions_lib.num_regions(data_cfg),
+                                      regions_lib.feature_dim(data_cfg), pad_id)
   if on_bad_record(data_cfg) == "skip":
     example["skip_reason"] = np.int32(0)
   return example
@@ -388,8 +377,12 @@ def make_dataset(source, data_cfg, split: str, tokenizer: tokenizers.Tokenizer, 
 
 def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
                   num_epochs: int | None = None, drop_remainder: bool = True,
-                  process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+                  process_index: int = 0, process_count: int = 1,
+                  tokenizer: tokenizers.Tokenizer | None = None) -> grain.DatasetIterator:
   """Iterator of batches (module docstring) over this process's shard of `split`.
+
+  `tokenizer`: the data set's (`load_tokenizer`, loaded here if not given; a command
+  loads it once, `setup.DataContext`).
 
   Supports next(), get_state() and set_state() for exact resume. num_epochs=None repeats
   forever. Close it (`it.close()`) when num_workers > 0 to stop the worker processes.
@@ -401,7 +394,8 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: 
   bad_records.check_build_report(bad_records.read_report(builder.data_dir),
                                  on_bad_record(data_cfg), builder.data_dir)
   source = builder.as_data_source(split=split)
-  ds = make_dataset(source, data_cfg, split, load_tokenizer(data_cfg), batch_size=batch_size,
+  tokenizer = tokenizer or load_tokenizer(data_cfg)
+  ds = make_dataset(source, data_cfg, split, tokenizer, batch_size=batch_size,
                     seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                     drop_remainder=drop_remainder, process_index=process_index,
                     process_count=process_count, table=example_table(builder, split, data_cfg))

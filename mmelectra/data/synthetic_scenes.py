@@ -23,11 +23,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmelectra import errors
+from mmelectra.data import scene_words
+from mmelectra.data import synthetic_vqa
 from mmelectra.data import tokenizer as tokenizer_lib
 
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SIZES = ("small", "large")
+SHAPES, COLOURS, SIZES = scene_words.SHAPES, scene_words.COLOURS, scene_words.SIZES
 NUM_CLASSES = len(SHAPES) * len(COLOURS)  # label = shape_id * len(COLOURS) + colour_id
 MAX_OBJECTS = 4
 
@@ -110,12 +110,9 @@ def _place_objects(rng: np.random.Generator, sides: list[int], image_size: int):
 
 
 def _relation(box_a, box_b) -> str:
-  """Where object a is relative to object b, along the axis of larger centre offset."""
-  dx = (box_a[0] + box_a[2]) - (box_b[0] + box_b[2])
-  dy = (box_a[1] + box_a[3]) - (box_b[1] + box_b[3])
-  if abs(dx) >= abs(dy):
-    return "left of" if dx < 0 else "right of"
-  return "above" if dy < 0 else "below"
+  """Where object a is relative to object b, as a caption says it ("left of", "above")."""
+  where = scene_words.relation(box_a, box_b)
+  return f"{where} of" if where in ("left", "right") else where
 
 
 def caption_length(caption: str) -> int:
@@ -322,7 +319,6 @@ def ensure_tokenizer(builder: SyntheticScenes) -> None:
   characters the pretrained encoder had never been trained on, so a VQA fine-tune had to
   learn the question words from scratch.
   """
-  from mmelectra.data import synthetic_vqa  # imports this module
   directory = os.fspath(builder.data_dir)
   names = (tokenizer_lib.TOKENIZER_JSON, tokenizer_lib.VOCAB_TXT)
   if all(os.path.exists(os.path.join(directory, n)) for n in names):

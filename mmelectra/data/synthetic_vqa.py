@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmelectra.data import synthetic_scenes
+from mmelectra.data import scene_words
 
 QUESTION_TYPES = ("colour", "shape", "size", "count", "position")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
@@ -28,15 +28,6 @@ PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "c
 ANNOTATORS = 10
 # Mixed into the scene's seed so questions never reuse the scene's own random stream.
 _QUESTION_STREAM = 7_151
-
-
-def relation(box_a, box_b) -> str:
-  """Where box a is relative to box b, along the axis of larger centre offset."""
-  dx = (box_a[0] + box_a[2]) - (box_b[0] + box_b[2])
-  dy = (box_a[1] + box_a[3]) - (box_b[1] + box_b[3])
-  if abs(dx) >= abs(dy):
-    return "left" if dx < 0 else "right"
-  return "above" if dy < 0 else "below"
 
 
 def candidate_questions(objects) -> dict[str, list[tuple[str, str]]]:
@@ -48,8 +39,8 @@ def candidate_questions(objects) -> dict[str, list[tuple[str, str]]]:
   colours = [int(c) for c in objects["colour"]]
   sizes = [int(s) for s in objects["size"]]
   boxes = np.asarray(objects["boxes"], np.float32).reshape(-1, 4)
-  shape_names = [synthetic_scenes.SHAPES[s] for s in shapes]
-  colour_names = [synthetic_scenes.COLOURS[c] for c in colours]
+  shape_names = [scene_words.SHAPES[s] for s in shapes]
+  colour_names = [scene_words.COLOURS[c] for c in colours]
   n = len(shapes)
   out = {t: [] for t in QUESTION_TYPES}
   for i in range(n):
@@ -58,16 +49,16 @@ def candidate_questions(objects) -> dict[str, list[tuple[str, str]]]:
     if colours.count(colours[i]) == 1:
       out["shape"].append((f"what shape is the {colour_names[i]} one", shape_names[i]))
     out["size"].append((f"is the {colour_names[i]} {shape_names[i]} small or large",
-                        synthetic_scenes.SIZES[sizes[i]]))
+                        scene_words.SIZES[sizes[i]]))
   out["count"].append(("count the shapes", NUMBER_WORDS[n]))
-  for shape_id, name in enumerate(synthetic_scenes.SHAPES):
+  for shape_id, name in enumerate(scene_words.SHAPES):
     out["count"].append((f"count the {PLURALS[name]}", NUMBER_WORDS[shapes.count(shape_id)]))
   for i in range(n):
     for j in range(n):
       if i != j:
         out["position"].append((
             f"where is the {colour_names[i]} {shape_names[i]} relative to the "
-            f"{colour_names[j]} {shape_names[j]}", relation(boxes[i], boxes[j])))
+            f"{colour_names[j]} {shape_names[j]}", scene_words.relation(boxes[i], boxes[j])))
   return out
 
 

@@ -25,14 +25,11 @@ import numpy as np
 
 from mmelectra import errors
 from mmelectra.data import bad_records
+from mmelectra.data import batch as batch_lib
 from mmelectra.data import images
 from mmelectra.data import pipeline
 from mmelectra.data import synthetic_vqa
 from mmelectra.data import tokenizer as tokenizer_lib
-
-VQA_KEYS = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask",
-            "answer_scores", "answer_target", "example_mask")
-
 
 # --- answers (pure) ---------------------------------------------------------------------
 def answer_vocabulary(examples, top_k: int) -> list[str]:
@@ -133,12 +130,13 @@ def _check_image_file(path: str) -> tuple[str, str] | None:
 def load_examples(vqa_cfg, data_cfg, split: str, tally: bad_records.Tally | None = None):
   """(examples, scene source or None) of `split`. JSONL lines go through `tally` (default:
   the config's `vqa.on_bad_record` policy)."""
-  jsonl = vqa_cfg.get(f"{split}_jsonl", "")
+  key = f"{split}_jsonl"  # train_jsonl, test_jsonl; other splits are the synthetic scenes'
+  jsonl = vqa_cfg[key] if key in vqa_cfg else ""
   if jsonl:
     if data_cfg.regions != "patches":
       raise errors.InvalidInput(f"VQA from JSONL images needs config.data.regions='patches', got {data_cfg.regions!r}")
     if tally is None:
-      tally = bad_records.Tally(vqa_cfg.get("on_bad_record", "error"))
+      tally = bad_records.Tally(vqa_cfg.on_bad_record)
     return _jsonl_examples(jsonl, tally), None
   source = pipeline.prepared_builder(data_cfg).as_data_source(split=split)
   return synthetic_vqa.split_questions(source, data_cfg.seed, vqa_cfg.questions_per_image), source
@@ -150,7 +148,7 @@ def _load_image(path: str, size: int) -> np.ndarray:
 
 
 class ReadVQAExample:
-  """Example index -> arrays (VQA_KEYS); indices past the end give a masked padding example.
+  """Example index -> arrays (batch_lib.VQA_KEYS); indices past the end give a masked padding example.
 
   A class, not a closure, so grain can pickle it into worker processes.
   """
@@ -162,7 +160,7 @@ class ReadVQAExample:
     self._data_cfg = data_cfg
     self._answer_index = answer_index
     empty = pipeline.empty_example(data_cfg, self._special_ids["pad"])
-    self.empty = {k: empty[k] for k in VQA_KEYS if k in empty}
+    self.empty = {k: empty[k] for k in batch_lib.VQA_KEYS if k in empty}
     self.empty["answer_scores"] = np.zeros(len(answer_index), np.float32)
     self.empty["answer_target"] = np.int32(-1)
 
@@ -182,7 +180,7 @@ class ReadVQAExample:
     record["caption"] = ex["question"]  # the question is the text side
     arrays = pipeline.preprocess_record(record, index, split="vqa", tokenizer=self._tokenizer,
                                         special_ids=self._special_ids, data_cfg=self._data_cfg)
-    out = {k: arrays[k] for k in VQA_KEYS if k in arrays}
+    out = {k: arrays[k] for k in batch_lib.VQA_KEYS if k in arrays}
     out["answer_scores"] = soft_scores(ex["answers"], self._answer_index)
     # The cross-entropy target: the most frequent answer, if it is in the vocabulary.
     top = collections.Counter(ex["answers"]).most_common(1)[0][0]
