@@ -26,8 +26,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/mmelectra evaluate --workdir=$(DEMO_DIR)
 	$(VENV)/bin/mmelectra export --workdir=$(DEMO_DIR) --out=$(DEMO_DIR)/hf --verify
 
+# Two workers (pytest-xdist), one test file each at a time: module fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs data build *.egg-info
