@@ -210,13 +210,16 @@ def test_a_failed_save_stops_the_run_in_one_line_at_the_next_step(data_dir, tmp_
     assert json.loads(f.readlines()[-1])["step"] == 6
 
 
-def _corrupt_newest(workdir, rng) -> str | None:
-  """Damages the newest complete checkpoint one of three ways; returns which (None: none)."""
+DAMAGE = ("truncate_array_file", "delete_metadata", "empty_iterator_state")
+
+
+def _corrupt_newest(workdir, kind: str) -> str | None:
+  """Damages the newest complete checkpoint one of the three ways of DAMAGE; returns what
+  it did (None: there was no checkpoint)."""
   steps = _steps(workdir)
   if not steps:
     return None
   step_dir = os.path.join(workdir, "checkpoints", str(steps[-1]))
-  kind = rng.choice(["truncate_array_file", "delete_metadata", "empty_iterator_state"])
   if kind == "truncate_array_file":
     data = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
     biggest = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
@@ -233,23 +236,26 @@ def _corrupt_newest(workdir, rng) -> str | None:
 
 def test_random_kills_and_corrupted_checkpoints_end_as_an_uninterrupted_run(data_dir, uninterrupted,
                                                                            tmp_path):
-  """Ten times: SIGKILL at a random step or during a save, then damage the newest
-  checkpoint at random. Each restart resumes from the newest readable checkpoint; the
-  run ends with the uninterrupted run's parameters and one metrics row per step."""
+  """Every pairing of a kill (SIGKILL at a random step, or during a random save) with a
+  damage to the newest checkpoint (DAMAGE), in a random order: six restarts, each
+  resuming from the newest readable checkpoint; the run ends with the uninterrupted run's
+  parameters and one metrics row per step."""
   config = _run_config(data_dir)
   ref = uninterrupted
   run = str(tmp_path / "faulty")
   rng = np.random.default_rng(0)
+  rounds = [(kill, damage) for kill in ("kill_at_step", "kill_after_save") for damage in DAMAGE]
   history = []
-  for _ in range(10):
-    if rng.random() < 0.5:
-      action = {"kill_at_step": int(rng.integers(1, TOTAL + 1))}
+  for i in rng.permutation(len(rounds)):
+    kill, damage = rounds[i]
+    if kill == "kill_at_step":
+      action = {kill: int(rng.integers(1, TOTAL + 1))}
     else:
-      action = {"kill_after_save": int(rng.choice([s for s in range(EVERY, TOTAL, EVERY)]))}
+      action = {kill: int(rng.choice([s for s in range(EVERY, TOTAL, EVERY)]))}
     out = _child(config, run, **action)
     # A kill scheduled at a step the run does not reach (it resumed past it) lets it finish.
     assert out.returncode in (-signal.SIGKILL, 0), out.stderr[-3000:]
-    history.append((action, out.returncode, _corrupt_newest(run, rng)))
+    history.append((action, out.returncode, _corrupt_newest(run, damage)))
   out = _child(config, run)
   assert out.returncode == 0, (history, out.stderr[-3000:])
   assert _steps(run)[-1] == TOTAL
