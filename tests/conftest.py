@@ -12,10 +12,13 @@ if ROOT not in sys.path:
 # compile the same program (the micro model's steps, the fine-tuning step) compile it
 # once, and so do the subprocesses they start, which inherit the environment. One
 # directory per run (xdist workers share their run's id), so nothing stale is read.
+# Programs that compile in under a second (the op-by-op dispatch of eager code, thousands
+# of them) are not worth a disk entry. The directory goes when the run ends.
 _RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"mmelectra-test-jax-cache-{_RUN_ID}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import contextlib  # noqa: E402
@@ -145,3 +148,10 @@ def pytest_collection_modifyitems(session, config, items):
     name = os.path.basename(str(item.fspath))
     return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
   items.sort(key=rank)  # stable: the order within a file is kept
+
+
+def pytest_sessionfinish(session, exitstatus):
+  # The process that set the cache up (xdist's controller, or pytest alone) removes it.
+  if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+    import shutil
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
