@@ -80,8 +80,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
   `abstract_state` may hold a part of the state, e.g. `{"params": ...}`: only that part
   is read (evaluate and export read no optimizer state).
   """
-  check_state_shapes(manager, step, abstract_state)
-  if set(abstract_state) != set(_metadata_tree(_state_dir(manager, step))):
+  if set(abstract_state) != check_state_shapes(manager, step, abstract_state):
     return ocp.PyTreeCheckpointer().restore(_state_dir(manager, step), args=ocp.args.PyTreeRestore(
         item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
         partial_restore=True))
@@ -118,8 +117,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state, *, d
   skipped = []
   for step in steps:
     try:
-      check_state_shapes(manager, step, abstract_state)
-      state = restore(manager, step, abstract_state)
+      state = restore(manager, step, abstract_state)  # shapes checked first, from metadata
       if data_iter is not None:
         restore_data_iterator(manager, step, data_iter)
     except errors.UserError:
@@ -233,10 +231,11 @@ def _metadata_tree(pytree_dir: epath.Path):
   return ocp.PyTreeCheckpointHandler().metadata(pytree_dir).tree
 
 
-def check_state_shapes(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
+def check_state_shapes(manager: ocp.CheckpointManager, step: int, abstract_state) -> set[str]:
   """Raises ValueError naming the first parameter (or state entry) whose saved shape
   differs from the config's, with both shapes, or that only one side has. Reads only
-  metadata, so it runs before anything is restored or compiled."""
+  metadata, so it runs before anything is restored or compiled. Returns the saved state's
+  top-level entries (e.g. {"step", "params", "opt"})."""
   path = _state_dir(manager, step)
   saved_tree = _metadata_tree(path)
   # A partial state (parameters only) is checked against that part of the checkpoint.
@@ -259,6 +258,7 @@ def check_state_shapes(manager: ocp.CheckpointManager, step: int, abstract_state
     raise errors.InvalidInput(f"checkpoint {path.parent} does not match the config: it has '{extra[0]}' "
                               f"(shape {tuple(saved[extra[0]].shape)}) that the config's model lacks"
                               + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
+  return set(saved_tree)
 
 
 # --- init_from: another run's parameters ------------------------------------------------

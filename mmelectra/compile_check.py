@@ -161,7 +161,7 @@ def check(config: ml_collections.ConfigDict, mesh: dict[str, int] | None = None,
       "total_bytes": args + temp + out - alias,
       "lower_seconds": t1 - t0,
       "compile_seconds": t2 - t1,
-      "step_tflops": flops.train_step_flops(config) / 1e12,
+      "step_tflops": flops.train_step_flops(config, setup.model.cfg) / 1e12,
   }
 
 

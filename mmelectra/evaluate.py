@@ -118,14 +118,13 @@ class CheckpointEvaluator:
 
   def __call__(self, manager, step: int, split: str) -> dict:
     """Restores the parameters of `step` and evaluates them (`evaluate`)."""
-    _, params = workdir_lib.restore_params(manager, self.setup.abstract_params, step)
-    return self.evaluate(step, split, params)
+    _, restored = workdir_lib.restore_params(manager, self.setup.abstract_params, step)
+    return self.evaluate(step, split, restored["params"])
 
   def evaluate(self, step: int, split: str, params: dict) -> dict:
-    """The metrics of `params` ({"params": ...}) on `split`; writes `eval/step_<N>.json`
-    and TensorBoard events."""
+    """The metrics of `params` (the model's parameter tree) on `split`; writes
+    `eval/step_<N>.json` and TensorBoard events."""
     config = self.setup.config
-    params = params["params"]
     metrics = evaluate_params(self.setup, self.data, params, split, config.eval.num_batches,
                               self.eval_step)
     if config.eval.retrieval_pool > 0:
@@ -161,9 +160,9 @@ def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = 
                      strict: bool = False) -> tuple[int, dict]:
   """Evaluates a checkpoint of `workdir` (the newest readable by default, see
   `restore_workdir`) and writes `eval/step_<N>.json`."""
-  setup, data, step, params = restore_workdir(workdir, step, strict)
+  setup, data, step, restored = restore_workdir(workdir, step, strict)
   evaluator = CheckpointEvaluator(setup, data, workdir)
-  return step, evaluator.evaluate(step, split or setup.config.eval.split, params)
+  return step, evaluator.evaluate(step, split or setup.config.eval.split, restored["params"])
 
 
 def evaluate_all_steps(workdir: str, split: str | None = None) -> list[tuple[int, dict]]:

@@ -284,18 +284,31 @@ def _init_params(rng, task: Task):
   return params
 
 
-def init_params(task: Task, seed: int):
-  """(params in their shards, their shardings): fresh weights, then `init_from`'s by name."""
+def fresh_params(task: Task, seed: int):
+  """(params in their shards, their shardings): freshly initialised weights."""
   init_fn = functools.partial(_init_params, task=task)
   with jax.set_mesh(task.mesh), nn.logical_axis_rules(task.rules):
     boxed = jax.eval_shape(init_fn, jax.random.key(seed))
     shardings = sharding.logical_shardings(boxed, task.mesh, task.rules)
     params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(seed))
-  report = None
+  return params, shardings
+
+
+def load_init_from(task: Task, params):
+  """(params, InitReport or None): `init_from`'s parameters by name into `params`
+  (`init_mode=pretrained`), or `params` as they are (`random`)."""
   if task.config.init_mode == "pretrained":
-    params, report = workdir_lib.load_pretrained_params(task.config.init_from, params)
-  elif task.config.init_mode != "random":
+    return workdir_lib.load_pretrained_params(task.config.init_from, params)
+  if task.config.init_mode != "random":
     raise errors.InvalidInput(f"config.init_mode must be 'pretrained' or 'random', got {task.config.init_mode!r}")
+  return params, None
+
+
+def init_params(task: Task, seed: int):
+  """(params in their shards, their shardings, InitReport or None): fresh weights, then
+  `init_from`'s by name."""
+  params, shardings = fresh_params(task, seed)
+  params, report = load_init_from(task, params)
   return params, shardings, report
 
 
@@ -384,7 +397,9 @@ def finetune(config, workdir: str) -> dict:
     if config.task == "vqa":
       with open(os.path.join(workdir, "answers.json"), "w") as f:
         json.dump(task.answers, f)
-  params, _, report = init_params(task, config.seed)
+  # The optimizer and the state's layout follow from the parameters' structure; the
+  # pretrained values are read only when the run does not resume (`init`, below).
+  params, _ = fresh_params(task, config.seed)
   tx, schedule = make_optimizer(config, params, task.model.cfg.encoder)
   keys = batch_lib.VQA_KEYS if config.task == "vqa" else batch_lib.RETRIEVAL_KEYS
   latest = {}  # the newest evaluation's results (the loop's, every eval_every steps)
@@ -396,10 +411,15 @@ def finetune(config, workdir: str) -> dict:
           workdir, evaluate_task(task, params, data, config.eval.split, step))))
   fresh = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": jax.jit(tx.init)(params)}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), fresh)
+
+  def init():
+    fresh["params"], report = load_init_from(task, fresh["params"])
+    if report is not None:
+      workdir_lib.write_init_report(report, workdir)
+    return fresh
+
   manager = loop.open_manager(run)
-  state, resumed = loop.restore_or_init(run, manager, abstract, lambda: fresh)
-  if resumed is None and report is not None:
-    workdir_lib.write_init_report(report, workdir)
+  state, _ = loop.restore_or_init(run, manager, abstract, init)
   state, _, preempted = loop.run_loop(run, manager, state)
   step = int(jax.device_get(state["step"]))
   if preempted:

@@ -129,7 +129,7 @@ class _Window:
 
   def close(self, run: Run, peak_flops: float | None) -> dict:
     total = metrics_lib.sum_all(jax.device_get(self.sums))
-    nonfinite = float(total.pop(NONFINITE)[0]) if NONFINITE in total else 0.0
+    nonfinite = float(total.pop(NONFINITE)[0])  # every step's sums have it (guarded_update)
     metrics = metrics_lib.finalize_metrics(total)
     metrics["nonfinite_steps"] = nonfinite  # in this logging window
     elapsed = time.perf_counter() - self.t0

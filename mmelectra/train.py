@@ -46,9 +46,9 @@ def train_and_evaluate(config, workdir: str, strict: bool = False) -> dict:
       step_fn=train_step.make_train_step(setup), data_iter=data_iter,
       to_device=lambda b: setup_lib.to_global(skips.take(b), setup.mesh),
       # MFU: the analytic FLOPs of a step over the measured step rate (mmelectra/flops.py).
-      step_flops=flops.train_step_flops(config), extra_metrics=skips.metrics,
+      step_flops=flops.train_step_flops(config, setup.model.cfg), extra_metrics=skips.metrics,
       evaluate=None if evaluator is None else
-      (lambda step, params: evaluator.evaluate(step, config.eval.split, {"params": params})))
+      (lambda step, params: evaluator.evaluate(step, config.eval.split, params)))
   manager = loop.open_manager(run)
 
   def init():

@@ -394,7 +394,8 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: 
   bad_records.check_build_report(bad_records.read_report(builder.data_dir),
                                  on_bad_record(data_cfg), builder.data_dir)
   source = builder.as_data_source(split=split)
-  tokenizer = tokenizer or load_tokenizer(data_cfg)
+  if tokenizer is None:
+    tokenizer = load_tokenizer(data_cfg)
   ds = make_dataset(source, data_cfg, split, tokenizer, batch_size=batch_size,
                     seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                     drop_remainder=drop_remainder, process_index=process_index,
