@@ -5,10 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
-# generator=tied: the electra configuration whose fusion encoder learns image-text
-# matching in this budget; the default per-modality generator's discriminator does not
-# yet read the image (docs/findings.md).
-DEMO_CONFIG ?= configs/pretrain.py:size=tiny,regions=crops,generator=tied,runlocal
+# The default objective (electra, per-modality generator) on object crops, 2000 steps.
+DEMO_CONFIG ?= configs/pretrain.py:size=tiny,regions=crops,runlocal
 
 .PHONY: demo test install clean
 

@@ -55,7 +55,7 @@ def _setup(size: str):
   c.model.update(MODEL_FIELDS[size])
   c.batch_size = len(jax.devices())
   c.lock()
-  return setup_lib.build(c, SPECIAL_IDS)
+  return setup_lib.build(c, SPECIAL_IDS, setup_lib.flat_mask_salience(c))
 
 
 def _dir_bytes(path: str) -> int:

@@ -61,7 +61,7 @@ def main(argv):
     raise ValueError(f"{_WORKDIR.value} trained on {config.data.name!r}; the probes need synthetic_scenes")
   data = setup_lib.prepare_data(config)
   config, special = data.config, data.special_ids
-  setup = setup_lib.build(config, special)
+  setup = setup_lib.build_for_run(data, _WORKDIR.value)
   manager = workdir_lib.read_only_manager(_WORKDIR.value)
   step, restored = workdir_lib.restore_params(manager, setup.abstract_params,
                                               None if _STEP.value < 0 else _STEP.value)

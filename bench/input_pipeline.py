@@ -95,7 +95,7 @@ def pipeline_rate(data_cfg, workers: int, batches: int) -> float:
 
 def step_rate(config, steps: int) -> float:
   config = config_lib.finalize(config)
-  setup = setup_lib.build(config, dict(pad=0, unk=1, cls=2, sep=3, mask=4))
+  setup = setup_lib.build(config, dict(pad=0, unk=1, cls=2, sep=3, mask=4), setup_lib.flat_mask_salience(config))
   state = setup_lib.init_state(setup, 0)
   step = train_step.make_train_step(setup)
   batch = setup_lib.dummy_batch(config, BATCH)

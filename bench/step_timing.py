@@ -74,7 +74,7 @@ class JaxStep:
 
   def __init__(self, config, warmup: int = 2, seed: int = 0):
     self.config = config
-    self.setup = setup_lib.build(config, SPECIAL_IDS)
+    self.setup = setup_lib.build(config, SPECIAL_IDS, setup_lib.flat_mask_salience(config))
     self.step_fn = train_step.make_train_step(self.setup)
     self.state = setup_lib.init_state(self.setup, config.seed)
     with self._context():

@@ -98,6 +98,14 @@ def get_config(arg=None):
   # The method (docs/method.md §4-§7).
   c.text_mask_rate = 0.15
   c.region_mask_rate = 0.15
+  # Which words are masked (docs/method.md §6). "salience": in proportion to how little
+  # the neighbouring words predict them (data/mask_salience.py: surprisal given the left
+  # and right word, measured on the first `data.mask_salience_examples` train captions,
+  # plus `text_mask_salience_floor`), so the masks fall on the words the image decides
+  # (colours, object nouns, relations) rather than on "a", "of", "the". "uniform": BERT's.
+  per_modality = c.objective == "electra" and args.get("generator", "per_modality") == "per_modality"
+  c.text_mask_weighting = "salience" if per_modality else "uniform"
+  c.text_mask_salience_floor = 0.05
   # Masked positions per example: "ceil" = ceil(rate * valid), at least one (docs/method.md
   # §6); "stochastic" = rate * valid on average (see electra.num_to_mask). With
   # 1-4 object crops per image, ceil masks a region in every image (25-100% of them);
@@ -122,12 +130,17 @@ def get_config(arg=None):
   # stops the words reading the image (docs/findings.md). With decay_steps > 0 both shares
   # hold for hold_steps, then fall linearly to 0 over decay_steps.
   c.discriminator_mask_fraction = 0.0
-  c.discriminator_region_mask_fraction = 0.0
+  # The per-modality default reads half of the masked regions masked: R2D keeps the other
+  # half to find, and the words keep more of the image to read (docs/findings.md).
+  c.discriminator_region_mask_fraction = 0.5 if per_modality else 0.0
   c.discriminator_mask_decay_steps = 0
   c.discriminator_mask_hold_steps = 0
   c.text_temperature = 1.0
   c.region_temperature = 1.0
-  disc_weight = 1.0 if tied else 50.0
+  # The per-modality default (docs/method.md §9, docs/findings.md 2026-12-02 "salience"):
+  # the corrective LM and MOC on, RTD reading the corrective LM, every loss at weight 1.
+  disc_weight = 1.0 if (tied or per_modality) else 50.0
+  corrective = 1.0 if per_modality else 0.0
   # clm: corrective LM on the discriminator (COCO-LM): at every masked text slot the
   # fusion encoder also predicts the original word from the corrupted pair. With the
   # per-modality generator a replaced attribute word's original can only be read off the
@@ -138,8 +151,8 @@ def get_config(arg=None):
   # encoder's own text and region stacks, before the cross layers, against every pair of
   # the global batch (docs/method.md §9). 0 switches it off.
   c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=disc_weight,
-                                                  rtd=disc_weight, itm=1.0, clm=0.0, cmoc=0.0,
-                                                  itc=0.0))
+                                                  rtd=disc_weight, itm=1.0, clm=corrective,
+                                                  cmoc=corrective, itc=0.0))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4 if size in ("tiny", "small") else 1e-4,
@@ -168,6 +181,9 @@ def get_config(arg=None):
       generator_width_ratio=0.25,
       # Width of the contrastive (ITC) embedding space; used when loss_weights.itc > 0.
       contrastive_dim=128,
+      # RTD's logit adds -log p(word) under the corrective LM (docs/method.md §9): RTD
+      # starts from the corrective LM's reading of the image. Needs loss_weights.clm > 0.
+      rtd_reads_clm=per_modality,
       moc_mode=args.get("moc", "sample"),
       vocab_size=160,  # >= the tokenizer's size; 30522 for a BERT vocabulary
       max_position=512,
@@ -202,6 +218,7 @@ def get_config(arg=None):
       all_captions=True,   # one example per (image, caption); False: the first caption only
       on_bad_record="error",  # error: stop naming the record | skip: drop it, count per reason
       tokenizer="",        # a BERT vocab.txt / tokenizer.json / dir; "" trains one on the captions
+      mask_salience_examples=20_000,  # train captions text_mask_weighting="salience" counts
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -215,7 +232,7 @@ def get_config(arg=None):
 
   if args.get("runlocal"):
     # A run for a laptop CPU (what `make demo` trains; its time is in docs/findings.md).
-    c.total_steps = 1000
+    c.total_steps = 2000
     c.log_every = 50
     c.checkpoint_every = 500
     c.optimizer.warmup_steps = 200

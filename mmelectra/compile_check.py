@@ -125,7 +125,7 @@ def check(config: ml_collections.ConfigDict, mesh: dict[str, int] | None = None,
     orig = sharding.make_mesh
     sharding.make_mesh = lambda cfg, devs=None: orig(cfg, devices)
   try:
-    setup = setup_lib.build(config, SPECIAL_IDS)
+    setup = setup_lib.build(config, SPECIAL_IDS, setup_lib.flat_mask_salience(config))
   finally:
     if devices is not None:
       sharding.make_mesh = orig

@@ -46,11 +46,15 @@ def upgrade(raw: dict) -> dict:
     only other generator there was then (today's default is `per_modality`).
   - `discriminator_region_mask_fraction` split off `discriminator_mask_fraction`, which
     served both words and regions before: an older run's regions keep its value.
+  - Before `text_mask_weighting` and `model.rtd_reads_clm` every masked word was drawn
+    uniformly and RTD read its own head only: an older run keeps both.
   """
   model = raw.get("model", {})
   if "generator" not in model:
     model["generator"] = "tied" if model.pop("generator_tied", False) else "crossmodal"
   raw.setdefault("discriminator_region_mask_fraction", raw.get("discriminator_mask_fraction", 0.0))
+  raw.setdefault("text_mask_weighting", "uniform")
+  model.setdefault("rtd_reads_clm", False)
   return raw
 
 
@@ -142,6 +146,7 @@ _SHARED_RULES = (
 PRETRAIN_RULES = _SHARED_RULES + (
     ("objective", *_one_of("electra", "mlm")),
     ("mask_count", *_one_of("ceil", "stochastic")),
+    ("text_mask_weighting", *_one_of("uniform", "salience")),
     ("itm_input", *_one_of("corrupted", "masked")),
     *_keys(_count(0), "discriminator_mask_decay_steps", "discriminator_mask_hold_steps",
            "model.r_layers", "data.num_workers", "eval.retrieval_pool"),
@@ -149,7 +154,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
            "model.l_layers", "model.x_layers", "model.contrastive_dim", "model.type_vocab_size",
            "data.image_size", "data.num_train", "data.num_validation", "data.num_test",
            "data.patch_size", "data.crop_size", "data.max_regions", "data.feature_dim",
-           "eval.retrieval_pairs_per_call"),
+           "data.mask_salience_examples", "eval.retrieval_pairs_per_call"),
     *_keys(_count(3), "model.max_position", "data.max_text_len"),
     *_keys(_count(8), "model.vocab_size", "data.vocab_size"),
     *_keys(_RATE, "text_mask_rate", "region_mask_rate", "itm_negative_fraction",
@@ -157,7 +162,8 @@ PRETRAIN_RULES = _SHARED_RULES + (
     *_keys(_number(0, 1), "discriminator_mask_fraction", "discriminator_region_mask_fraction"),
     *_keys(_NON_NEGATIVE, "text_temperature", "region_temperature",
            *(f"loss_weights.{name}" for name in ("moc", "mlm", "r2d", "rtd", "itm", "clm", "cmoc", "itc"))),
-    ("model.layer_norm_eps", *_POSITIVE),
+    *_keys(_POSITIVE, "model.layer_norm_eps", "text_mask_salience_floor"),
+    ("model.rtd_reads_clm", *_one_of(True, False)),
     ("model.dtype", *_one_of("float32", "bfloat16")),
     ("model.generator", *_one_of("per_modality", "crossmodal", "tied")),
     ("model.generator_width_ratio", *_number(0, 1, lo_open=True)),

@@ -54,21 +54,31 @@ def num_to_mask(maskable: Array, rate: float, max_count: int, rounding: str = "c
 
 
 def choose_mask_positions(rng: Array, maskable: Array, rate: float, max_count: int,
-                          rounding: str = "ceil") -> tuple[Array, Array]:
+                          rounding: str = "ceil", log_weights: Array | None = None
+                          ) -> tuple[Array, Array]:
   """Picks `num_to_mask(...)` maskable positions per example by top-k of noise.
 
   Args:
     maskable: `[B, L]` bool, True where a position may be masked (real, not special).
     max_count: static slot count M (see `max_masked`).
     rounding: `ceil` (exactly `ceil(rate * valid)`) or `stochastic` (see `num_to_mask`).
+    log_weights: optional `[B, L]` log of each position's masking weight. The positions
+      are then a sample without replacement with probability proportional to the weight
+      (Gumbel top-k: the k largest of `log_weights + Gumbel noise`); None: uniform.
   Returns:
     positions `[B, M]` int32 and weights `[B, M]` float32 (1 for a real masked slot).
     Slots with weight 0 point at arbitrary distinct positions and must be ignored.
   """
   rng_pos, rng_count = jax.random.split(rng)
   noise = jax.random.uniform(rng_pos, maskable.shape)
-  # Non-maskable positions sort below every maskable one.
-  scores = jnp.where(maskable, noise, -1.0)
+  if log_weights is None:
+    # Non-maskable positions sort below every maskable one.
+    scores = jnp.where(maskable, noise, -1.0)
+  else:
+    # The same uniform draw as Gumbel noise: -log(-log u), u kept inside (0, 1).
+    tiny = jnp.finfo(jnp.float32).tiny
+    gumbel = -jnp.log(-jnp.log(jnp.clip(noise, tiny, 1.0 - 1e-7)))
+    scores = jnp.where(maskable, gumbel + log_weights.astype(jnp.float32), -jnp.inf)
   _, positions = jax.lax.top_k(scores, max_count)
   count = num_to_mask(maskable, rate, max_count, rounding, rng_count)
   weights = (jnp.arange(max_count)[None, :] < count[:, None]).astype(jnp.float32)

@@ -140,7 +140,7 @@ class CheckpointEvaluator:
 def open_run(workdir: str) -> tuple[setup_lib.Setup, setup_lib.DataContext]:
   """The setup and data context of a trained run (its data set built if missing)."""
   data = setup_lib.prepare_data(workdir_lib.load_config(workdir))
-  return setup_lib.build(data.config, data.special_ids), data
+  return setup_lib.build_for_run(data, workdir), data
 
 
 def restore_workdir(workdir: str, step: int | None = None, strict: bool = False

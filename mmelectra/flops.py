@@ -109,7 +109,9 @@ def train_step_flops(config, mcfg: model_lib.ModelConfig | None = None) -> float
     projection = 0.0 if mcfg.generator_kind == "tied" else 2 * (t + k) * h * g
     generator = boxes + projection + encoder_forward_flops(gen, t, k) + heads(g) + pool
     binary_heads = 2 * (t + k) * (h * h + h)  # RTD and R2D
-    corrective = 2 * mt * (h * h + h * v) if mcfg.corrective_lm else 0.0  # corrective LM
+    # Corrective LM at the masked slots, or at every position when RTD reads it.
+    clm_positions = t if mcfg.rtd_reads_clm else mt
+    corrective = 2 * clm_positions * (h * h + h * v) if mcfg.corrective_lm else 0.0
     if mcfg.corrective_moc:  # and its region half, scored against the pool for `sample`
       corrective += 2 * mr * (h * h + h * moc_out) + (2 * mr * b * k * h if mcfg.moc_mode == "sample" else 0.0)
     # Contrastive alignment: two projections to the shared space, and every text against

@@ -124,7 +124,7 @@ def import_hf(hf_dir: str, workdir: str, base_config, seed: int = 0) -> dict:
                               "one: choose an empty or new --workdir")
   hf_config, sd = _read_hf(hf_dir)
   config = import_config(hf_config, base_config)
-  setup = setup_lib.build(config, _special_ids_of(hf_dir))
+  setup = setup_lib.build(config, _special_ids_of(hf_dir), setup_lib.flat_mask_salience(config))
   entries = _entries_present(setup.model.cfg, sd)
   state, fresh = _state_with(setup, sd, entries, seed)
   _write_run(workdir, hf_dir, config, state)

@@ -506,6 +506,12 @@ class ModelConfig:
   # Its region half: at each masked region the fusion encoder predicts the original
   # region (`cmoc_head`, the MOC head's form), reading the caption to do so.
   corrective_moc: bool = False
+  # RTD reads the corrective LM (docs/method.md §9): the RTD logit of a word is the binary
+  # head's plus -log p_CLM(the word), the corrective LM evaluated at every position. A word
+  # the (image-reading) corrective LM finds unlikely in this pair is more likely replaced,
+  # so RTD starts from the CLM's grounding instead of having to find "word disagrees with
+  # image" (no first-order signal) by itself. Adds no parameter; needs `corrective_lm`.
+  rtd_reads_clm: bool = False
   # Image-text contrastive alignment (ALBEF's "align before fuse") on the fusion encoder's
   # own single-modality outputs: the width of the shared embedding space, 0 for none.
   contrastive_dim: int = 0
@@ -541,6 +547,9 @@ def model_config_from(config) -> ModelConfig:
     raise errors.InvalidInput(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
   if m.moc_mode not in ("sample", "regress", "classify"):
     raise errors.InvalidInput(f"model.moc_mode must be sample|regress|classify, got {m.moc_mode!r}")
+  if config.objective == "electra" and m.rtd_reads_clm and not config.loss_weights.clm > 0:
+    raise errors.InvalidInput("model.rtd_reads_clm=True reads the corrective LM: set "
+                              "loss_weights.clm > 0, or model.rtd_reads_clm=False")
   return ModelConfig(
       encoder=enc, generator=gen, generator_kind=kind, vocab_size=m.vocab_size,
       max_position=m.max_position, type_vocab_size=m.type_vocab_size,
@@ -548,6 +557,7 @@ def model_config_from(config) -> ModelConfig:
       num_object_classes=m.num_object_classes,
       corrective_lm=config.objective == "electra" and config.loss_weights.clm > 0,
       corrective_moc=config.objective == "electra" and config.loss_weights.cmoc > 0,
+      rtd_reads_clm=config.objective == "electra" and bool(m.rtd_reads_clm),
       contrastive_dim=(m.contrastive_dim if config.objective == "electra"
                        and config.loss_weights.itc > 0 else 0))
 
@@ -713,7 +723,14 @@ class MMElectra(nn.Module):
                                                 with_unimodal=True)
     out = {"rtd": self.rtd_head(lang), "r2d": self.r2d_head(vis),
            "itm": self.itm_logits(self.pooler(lang))}
-    if text_positions is not None:
+    if self.cfg.rtd_reads_clm:
+      # The corrective LM at every position: RTD adds -log p(the word read there).
+      clm = self.clm_head(lang, self.embeddings)
+      log_p = jnp.take_along_axis(jax.nn.log_softmax(clm, axis=-1), text_ids[..., None], -1)[..., 0]
+      out["rtd"] = out["rtd"] - log_p
+      if text_positions is not None:
+        out["clm"] = gather(clm, text_positions)
+    elif text_positions is not None:
       out["clm"] = self.clm_head(gather(lang, text_positions), self.embeddings)
     if region_positions is not None:
       out["cmoc"] = self.cmoc_head(gather(vis, region_positions))

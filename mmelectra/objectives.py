@@ -15,6 +15,7 @@ from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmelectra import collectives
 from mmelectra import electra
@@ -22,8 +23,13 @@ from mmelectra import errors
 from mmelectra.electra import gather
 from mmelectra.model import MMElectra
 from mmelectra import metrics as metrics_lib
+from mmelectra.data import mask_salience as mask_salience_lib
 
 Array = jax.Array
+
+# How the masked words are chosen (`config.text_mask_weighting`, docs/method.md §6):
+# uniformly among the maskable words, or in proportion to their salience.
+TEXT_MASK_WEIGHTINGS = ("uniform", "salience")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +59,32 @@ class ObjectiveConfig:
   loss_weights: tuple[tuple[str, float], ...]
   mask_id: int
   special_ids: tuple[int, ...]  # never masked: [CLS], [SEP], [PAD]
+  # `text_mask_weighting="salience"`: the log masking weight of every token id
+  # (data/mask_salience.py); None: every maskable word is equally likely.
+  text_mask_log_weights: tuple[float, ...] | None = None
 
   @property
   def weights(self) -> dict[str, float]:
     return dict(self.loss_weights)
 
 
-def objective_config_from(config, special_token_ids: Mapping[str, int]) -> ObjectiveConfig:
+def objective_config_from(config, special_token_ids: Mapping[str, int],
+                          mask_salience: np.ndarray | None = None) -> ObjectiveConfig:
+  """`mask_salience`: the run's per-token salience (`setup.mask_salience`); needed, and
+  only read, under `text_mask_weighting="salience"`."""
   text_len, num_regions = config.data.max_text_len, config.model.num_regions
+  weighting = _choice(config, "text_mask_weighting", TEXT_MASK_WEIGHTINGS)
+  log_weights = None
+  if weighting == "salience":
+    if mask_salience is None:
+      raise errors.InvalidInput("text_mask_weighting='salience' needs the run's mask-salience table "
+                                "(setup.mask_salience); none was given")
+    if np.shape(mask_salience) != (config.model.vocab_size,):
+      raise errors.InvalidInput(f"the mask-salience table has shape {np.shape(mask_salience)}; "
+                                f"expected ({config.model.vocab_size},), one entry per token id "
+                                "(model.vocab_size)")
+    log_weights = tuple(float(w) for w in mask_salience_lib.mask_log_weights(
+        mask_salience, config.text_mask_salience_floor))
   return ObjectiveConfig(
       objective=config.objective,
       moc_mode=config.model.moc_mode,
@@ -80,6 +104,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int]) -> Objec
       loss_weights=tuple((k, float(config.loss_weights[k])) for k in electra.LOSS_NAMES),
       mask_id=int(special_token_ids["mask"]),
       special_ids=tuple(int(special_token_ids[k]) for k in ("cls", "sep", "pad")),
+      text_mask_log_weights=log_weights,
   )
 
 
@@ -129,8 +154,11 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _
   text_ids = collectives.take_rows(batch["text_ids"], source)
   text_mask = collectives.take_rows(batch["text_mask"], source).astype(bool)
   maskable = text_mask & ~jnp.isin(text_ids, jnp.asarray(ocfg.special_ids))
+  log_weights = None
+  if ocfg.text_mask_log_weights is not None:
+    log_weights = jnp.asarray(ocfg.text_mask_log_weights, jnp.float32)[text_ids]
   t_pos, t_w = electra.choose_mask_positions(rng_text, maskable, ocfg.text_mask_rate,
-                                             ocfg.max_text_masked, ocfg.mask_count)
+                                             ocfg.max_text_masked, ocfg.mask_count, log_weights)
   region_mask = batch["region_mask"].astype(bool)
   r_pos, r_w = electra.choose_mask_positions(rng_region, region_mask, ocfg.region_mask_rate,
                                              ocfg.max_region_masked, ocfg.mask_count)
@@ -284,10 +312,14 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
       kept_masked, kept_regions)
 
 
-def _discriminator_weights(x, pair_w: Array, c: _Corruption) -> tuple[Array, Array]:
+def _discriminator_weights(x, pair_w: Array, c: _Corruption,
+                           special_ids: tuple[int, ...] | None = None) -> tuple[Array, Array]:
   """RTD's and R2D's per-position weights: real words and regions of matched pairs, less
-  the slots left masked (a [MASK] is plainly not the original: no target there)."""
+  the slots left masked (a [MASK] is plainly not the original: no target there), and
+  given `special_ids` less those tokens ([CLS], [SEP] are never replaced)."""
   text_w = x.text_mask * pair_w[:, None]
+  if special_ids is not None:
+    text_w = text_w * ~jnp.isin(x.text_ids, jnp.asarray(special_ids))
   if c.kept_masked is not None:
     text_w = text_w * ~electra.positions_to_dense(x.text_positions, c.kept_masked, x.text_ids.shape[1])
   region_w = x.region_mask * pair_w[:, None]
@@ -371,7 +403,10 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
       region_positions=x.region_positions if ocfg.weights["cmoc"] > 0 else None,
       method=MMElectra.discriminate, rngs={"dropout": rng_disc})
   rtd_logits, r2d_logits = discriminated["rtd"], discriminated["r2d"]
-  text_w, region_w = _discriminator_weights(x, pair_w, c)
+  # RTD reading the corrective LM skips [CLS] and [SEP]: there it would only teach the
+  # corrective LM to name them, pulling the [CLS] state the pooler reads (docs/method.md §9).
+  text_w, region_w = _discriminator_weights(
+      x, pair_w, c, ocfg.special_ids if model.cfg.rtd_reads_clm else None)
   rtd = metrics_lib.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = metrics_lib.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
   itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else discriminated["itm"], x)

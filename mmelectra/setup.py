@@ -27,8 +27,10 @@ from mmelectra import errors
 from mmelectra import objectives
 from mmelectra import optim
 from mmelectra import sharding
+from mmelectra import workdir as workdir_lib
 from mmelectra.data import batch as batch_lib
 from mmelectra.data import datasets
+from mmelectra.data import mask_salience as mask_salience_lib
 from mmelectra.data import pipeline
 from mmelectra.data import tokenizer as tokenizer_lib
 from mmelectra.model import MMElectra, model_config_from
@@ -56,6 +58,50 @@ def prepare_data(config) -> DataContext:
     raise errors.InvalidInput(f"the tokenizer has {tok.get_vocab_size()} tokens but config.model.vocab_size="
                               f"{config.model.vocab_size}; raise model.vocab_size")
   return DataContext(config, tok, tokenizer_lib.special_token_ids(tok))
+
+
+def mask_salience(data: DataContext, workdir: str | None) -> np.ndarray | None:
+  """The run's per-token mask salience (data/mask_salience.py), None under uniform masking.
+
+  Read from the run directory where a run saved it; else measured on (the first
+  `data.mask_salience_examples` captions of) the train split and, given a `workdir`,
+  saved there, so that resuming and evaluating mask as training did.
+  """
+  config = data.config
+  if config.text_mask_weighting != "salience":
+    return None
+  path = workdir_lib.mask_salience_path(workdir) if workdir else None
+  if path is not None and path.exists():
+    with path.open("rb") as f:
+      table = np.load(f)
+    if table.shape != (config.model.vocab_size,):
+      raise errors.InvalidInput(f"{path} has shape {table.shape}; expected ({config.model.vocab_size},) "
+                                "(model.vocab_size): it was written for another vocabulary")
+    return table
+  rows = pipeline.caption_token_rows(config.data, "train", data.tokenizer,
+                                     config.data.mask_salience_examples)
+  table = mask_salience_lib.context_surprisal(rows, config.model.vocab_size)
+  if path is not None and jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    with tmp.open("wb") as f:
+      np.save(f, table)
+    tmp.rename(path)  # whole or absent, never half-written
+  return table
+
+
+def flat_mask_salience(config) -> np.ndarray | None:
+  """Equal salience for every token, for programs built without a data set (compile
+  checks, benchmarks, import): the step compiles to the same program; nothing it
+  computes is kept. None under uniform masking."""
+  if config.text_mask_weighting != "salience":
+    return None
+  return np.ones(config.model.vocab_size, np.float32)
+
+
+def build_for_run(data: DataContext, workdir: str | None) -> Setup:
+  """`build` for a command on a run: its data's special ids and the run's mask salience."""
+  return build(data.config, data.special_ids, mask_salience(data, workdir))
 
 
 def dummy_batch(config, batch_size: int) -> dict:
@@ -90,10 +136,13 @@ class Setup:
     return {"params": self.abstract_state["params"]}
 
 
-def build(config, special_token_ids: dict) -> Setup:
-  """Model, objective, mesh and the (abstract) sharded train state for a finalized config."""
+def build(config, special_token_ids: dict, mask_salience: np.ndarray | None = None) -> Setup:
+  """Model, objective, mesh and the (abstract) sharded train state for a finalized config.
+
+  `mask_salience`: the run's table (`mask_salience`) under `text_mask_weighting="salience"`.
+  """
   model = MMElectra(model_config_from(config))
-  ocfg = objectives.objective_config_from(config, special_token_ids)
+  ocfg = objectives.objective_config_from(config, special_token_ids, mask_salience)
   mesh = sharding.make_mesh(config)
   rules = sharding.axis_rules(config)
   dp = sharding.data_parallel_size(mesh)

@@ -32,7 +32,7 @@ def train_and_evaluate(config, workdir: str, strict: bool = False) -> dict:
   workdir_lib.check_kind(workdir, "pretrain")
   data = setup_lib.prepare_data(config)
   config = data.config
-  setup = setup_lib.build(config, data.special_ids)
+  setup = setup_lib.build_for_run(data, workdir)
   data_iter = data.iterator("train", batch_size=config.batch_size // jax.process_count(),
                             seed=config.seed, shuffle=True, process_index=jax.process_index(),
                             process_count=jax.process_count())

@@ -32,6 +32,7 @@ from mmelectra import errors
 
 CONFIG_JSON = "config.json"
 CHECKPOINTS = "checkpoints"
+MASK_SALIENCE = "mask_salience.npy"
 INIT_REPORT = "init_from.json"
 
 # What a workdir's config.json says it holds: the key only that kind's config has.
@@ -46,6 +47,11 @@ def path(workdir: str) -> epath.Path:
 
 def checkpoint_dir(workdir: str) -> str:
   return os.fspath(path(workdir) / CHECKPOINTS)
+
+
+def mask_salience_path(workdir: str) -> epath.Path:
+  """The run's per-token mask salience (`setup.mask_salience`), a float32 `.npy`."""
+  return path(workdir) / MASK_SALIENCE
 
 
 # --- the config ---------------------------------------------------------------------------

@@ -53,6 +53,9 @@ def fast_compile():
 def micro_config(objective="electra", moc="sample", **overrides):
   """A config with a 1/1/1-layer, 32-wide encoder and model fields filled in by hand."""
   c = ml_collections.ConfigDict(pretrain.get_config(f"size=tiny,objective={objective},moc={moc}").to_dict())
+  # Uniform masking: the tests build setups without a data set to measure salience on
+  # (`setup.mask_salience`); test_mask_salience.py and the end-to-end runs cover it.
+  c.text_mask_weighting = "uniform"
   c.model.update(hidden_size=32, num_heads=2, mlp_dim=64, l_layers=1, r_layers=1, x_layers=1,
                  generator_width_ratio=0.5, vocab_size=40, max_position=16,
                  visual_feat_dim=12, num_regions=6, num_object_classes=5)

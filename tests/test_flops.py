@@ -13,6 +13,7 @@ from mmelectra import train_step
 def _tiny(objective, moc, clm=0.0, itc=0.0, **model):
   c = ml_collections.ConfigDict(pretrain.get_config(f"size=tiny,objective={objective},moc={moc}").to_dict())
   c.loss_weights.update(clm=clm, cmoc=clm, itc=itc)
+  c.model.rtd_reads_clm = c.model.rtd_reads_clm and clm > 0  # the preset's, where it can
   # Dropout off: its random bits are integer work XLA would count as FLOPs.
   c.model.update(dropout_rate=0.0, attention_dropout_rate=0.0, visual_feat_dim=768,
                  num_regions=16, num_object_classes=24, **model)
@@ -32,7 +33,7 @@ def test_train_step_flops_match_xla_cost_analysis(objective, generator, clm, itc
   # costs a minute on 2 cores and moved the figures by <0.3% when checked); it includes
   # elementwise work that the analytic matmul count leaves out, so analytic <= XLA.
   c = _tiny(objective, "sample", clm=clm, itc=itc, generator=generator)
-  setup = setup_lib.build(c, SPECIAL_IDS)
+  setup = setup_lib.build(c, SPECIAL_IDS, setup_lib.flat_mask_salience(c))
   step = train_step.make_train_step(setup)
   lowered = step.lower(setup.abstract_state, setup_lib.to_global(random_batch(c), setup.mesh))
   cost = lowered.cost_analysis()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import SPECIAL_IDS, micro_config, random_batch
-from mmelectra import objectives, optim
+from mmelectra import errors, objectives, optim
 from mmelectra.model import DEPLOYED_PARAM_PREFIXES, MMElectra, deployed_params, model_config_from
 from mmelectra import setup as setup_lib
 
@@ -67,7 +67,7 @@ def test_generator_reads_the_discriminators_embedding_arrays():
     # Only the generator's losses (MLM, MOC): their gradient must reach the shared word
     # table and visual projection (the same arrays the discriminator reads).
     ocfg = setup.ocfg
-    weights = dict(ocfg.weights, r2d=0.0, rtd=0.0, itm=0.0)
+    weights = {k: 0.0 for k in ocfg.weights} | {"mlm": 1.0, "moc": 1.0}
     ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
     return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[0]
 
@@ -115,20 +115,20 @@ def test_corrective_lm_trains_the_discriminator_to_predict_the_original_words_an
   # Its own heads at full width; the word table stays the one shared table.
   assert params["clm_head"]["transform"]["kernel"].shape[0] == config.model.hidden_size
   assert params["cmoc_head"]["transform"]["kernel"].shape[0] == config.model.hidden_size
-  assert not {"clm_head", "cmoc_head"} & set(nn.unbox(_boxed_params(micro_config())))
+  off = micro_config(**{"loss_weights.clm": 0.0, "loss_weights.cmoc": 0.0, "model.rtd_reads_clm": False})
+  assert not {"clm_head", "cmoc_head"} & set(nn.unbox(_boxed_params(off)))
   setup = setup_lib.build(config, SPECIAL_IDS)
   state = setup_lib.init_state(setup, 0)
   batch = jax.tree.map(jnp.asarray, random_batch(config))
   ocfg = setup.ocfg
   weights = {k: 0.0 for k in ocfg.weights} | {"clm": 1.0}
   only_clm = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
-  loss, sums = objectives.compute_losses(setup.model, state["params"], batch, jax.random.key(0),
-                                         only_clm, True)
+  clm_fn = lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0), only_clm, True)
+  loss, sums = jax.jit(clm_fn)(state["params"])
   # At initialisation the head is near uniform over the vocabulary.
   np.testing.assert_allclose(float(loss), np.log(config.model.vocab_size), rtol=0.1)
   assert "clm_acc" in sums and "clm_loss" in sums
-  grads = jax.grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
-                                                       only_clm, True)[0])(state["params"])
+  grads = _jit_grad(lambda p: clm_fn(p)[0])(state["params"])
   # It trains the fusion encoder (cross layers included) and not the generator.
   assert float(jnp.abs(grads["encoder"]["x_layer_0"]["lang_ffn"]["output"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["generator"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) == 0
@@ -136,14 +136,43 @@ def test_corrective_lm_trains_the_discriminator_to_predict_the_original_words_an
   # The region half: the vision stream's FFN and its own head, not the generator.
   only_cmoc = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(
       ({k: 0.0 for k in ocfg.weights} | {"cmoc": 1.0}).items())})
-  loss, sums = objectives.compute_losses(setup.model, state["params"], batch, jax.random.key(0),
-                                         only_cmoc, True)
+  cmoc_fn = lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0), only_cmoc, True)
+  loss, sums = jax.jit(cmoc_fn)(state["params"])
   assert "cmoc_acc" in sums and float(loss) > 0
-  grads = jax.grad(lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0),
-                                                       only_cmoc, True)[0])(state["params"])
+  grads = _jit_grad(lambda p: cmoc_fn(p)[0])(state["params"])
   assert float(jnp.abs(grads["encoder"]["x_layer_0"]["visn_ffn"]["output"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["cmoc_head"]["output"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["generator"]["r_layer_0"]["ffn"]["output"]["kernel"]).sum()) == 0
+
+
+def test_rtd_reading_the_corrective_lm_adds_minus_log_p_of_the_word_read():
+  on = micro_config()
+  assert on.model.rtd_reads_clm and on.loss_weights.clm > 0  # the per-modality default
+  off = micro_config(**{"model.rtd_reads_clm": False})
+  setup = setup_lib.build(on, SPECIAL_IDS)
+  params = setup_lib.init_state(setup, 0)["params"]
+  b = random_batch(on)
+  positions = jnp.asarray(np.tile(np.arange(1, 4), (on.batch_size, 1)), jnp.int32)
+
+  def discriminate(model):
+    return jax.jit(lambda p: model.apply(
+        {"params": p}, b["text_ids"], b["text_mask"], b["region_feats"], b["region_boxes"],
+        b["region_mask"], True, text_positions=positions, method=MMElectra.discriminate))(params)
+
+  read = discriminate(setup.model)
+  alone = discriminate(MMElectra(model_config_from(off)))  # the same parameters, head only
+  full_clm = jax.jit(lambda p: setup.model.apply(
+      {"params": p}, b["text_ids"], b["text_mask"], b["region_feats"], b["region_boxes"],
+      b["region_mask"], True, text_positions=jnp.asarray(np.tile(np.arange(on.data.max_text_len),
+                                                               (on.batch_size, 1)), jnp.int32),
+      method=MMElectra.discriminate))(params)["clm"]
+  log_p = np.take_along_axis(np.asarray(jax.nn.log_softmax(full_clm, -1)),
+                             np.asarray(b["text_ids"])[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(read["rtd"]), np.asarray(alone["rtd"]) - log_p, atol=1e-4)
+  # The corrective LM at the masked slots is the same head either way.
+  np.testing.assert_allclose(np.asarray(read["clm"]), np.asarray(alone["clm"]), atol=1e-5)
+  with pytest.raises(errors.InvalidInput, match="rtd_reads_clm"):
+    model_config_from(micro_config(**{"loss_weights.clm": 0.0}))
 
 
 def test_contrastive_alignment_reads_each_modality_alone_and_trains_below_the_cross_layers():
@@ -172,7 +201,7 @@ def test_contrastive_alignment_reads_each_modality_alone_and_trains_below_the_cr
       ({k: 0.0 for k in ocfg.weights} | {"itc": 1.0}).items())})
   batch = jax.tree.map(jnp.asarray, b)
   loss_fn = lambda p: objectives.compute_losses(setup.model, p, batch, jax.random.key(0), only_itc, True)
-  loss, sums = loss_fn(params)
+  loss, sums = jax.jit(loss_fn)(params)
   assert "itc_acc" in sums and float(loss) > 0
   grads = _jit_grad(lambda p: loss_fn(p)[0])(params)
   assert float(jnp.abs(grads["encoder"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) > 0

@@ -17,7 +17,8 @@ LAYERS = [
     {"electra"},
     {"collectives", "model"},
     {"flops", "checkpoint", "config_lib", "retrieval", "objectives", "hf_params"},
-    {"workdir", "setup"},
+    {"workdir"},
+    {"setup"},  # reads a run's files (its mask salience) through workdir
     {"loop", "hf_parity"},
     {"train_step", "evaluate", "import_hf"},
     {"finetune", "export_hf", "compile_check"},

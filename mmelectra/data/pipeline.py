@@ -116,6 +116,32 @@ def dataset_size(data_cfg, split: str) -> int:
   return splits[split].num_examples if table is None else len(table)
 
 
+def caption_token_rows(data_cfg, split: str, tokenizer: tokenizers.Tokenizer,
+                       max_examples: int) -> list[np.ndarray]:
+  """The token ids ("[CLS] caption [SEP]", unpadded) of the first `max_examples` examples of
+  `split`, in record order: what `data/mask_salience.py` counts. A caption that does not
+  read is left out here; training names its record."""
+  builder = prepared_builder(data_cfg)
+  if split not in builder.info.splits:
+    raise errors.MissingEntry(f"split {split!r} not in {sorted(builder.info.splits.keys())}")
+  source = builder.as_data_source(split=split)
+  table = example_table(builder, split, data_cfg)
+  if table is None:
+    table = np.stack([np.arange(len(source)), np.zeros(len(source), np.int64)], 1)
+  special_ids = tokenizer_lib.special_token_ids(tokenizer)
+  rows, record, record_index = [], None, None
+  for ri, ci in table[:max_examples]:
+    if ri != record_index:
+      record, record_index = source[int(ri)], ri
+    try:
+      ids, mask = encode_caption(_record_caption(record, int(ci)), tokenizer,
+                                 data_cfg.max_text_len, special_ids)
+    except (BadRecordError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+      continue
+    rows.append(ids[mask])
+  return rows
+
+
 # --- one record -> one example ----------------------------------------------------------
 def empty_example(data_cfg, pad_id: int = 0) -> dict[str, np.ndarray]:
   """The padding example: right shapes, every mask False, labels and image_id -1."""
