@@ -48,12 +48,16 @@ def upgrade(raw: dict) -> dict:
     served both words and regions before: an older run's regions keep its value.
   - Before `text_mask_weighting` and `model.rtd_reads_clm` every masked word was drawn
     uniformly and RTD read its own head only: an older run keeps both.
+  - A loss weight a config lacks is a loss its version did not have: 0 (the corrective
+    LM and MOC, contrastive alignment; today's per-modality default turns some on).
   """
   model = raw.get("model", {})
   if "generator" not in model:
     model["generator"] = "tied" if model.pop("generator_tied", False) else "crossmodal"
   raw.setdefault("discriminator_region_mask_fraction", raw.get("discriminator_mask_fraction", 0.0))
   raw.setdefault("text_mask_weighting", "uniform")
+  for name in ("clm", "cmoc", "itc"):
+    raw.setdefault("loss_weights", {}).setdefault(name, 0.0)
   model.setdefault("rtd_reads_clm", False)
   return raw
 

@@ -199,8 +199,8 @@ def test_generator_argument_selects_the_variant_and_rejects_others():
   assert (tied.model.generator, tied.itm_input, tied.loss_weights.rtd, tied.loss_weights.r2d) == (
       "tied", "masked", 1.0, 1.0)
   assert (default.model.generator, default.itm_input, default.loss_weights.rtd) == (
-      "per_modality", "corrupted", 50.0)
-  assert (cross.model.generator, cross.itm_input) == ("crossmodal", "corrupted")
+      "per_modality", "corrupted", 1.0)
+  assert (cross.model.generator, cross.itm_input, cross.loss_weights.rtd) == ("crossmodal", "corrupted", 50.0)
   with pytest.raises(ValueError, match="generator='big'"):
     pretrain.get_config("generator=big")
   with pytest.raises(ValueError, match="objective=electra"):
@@ -213,12 +213,15 @@ def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_p
   for tied, kind in ((False, "crossmodal"), (True, "tied")):
     raw = pretrain.get_config("size=tiny").to_dict()
     raw["logical_axis_rules"] = [list(r) for r in raw["logical_axis_rules"]]
-    del raw["model"]["generator"], raw["loss_weights"]["clm"]
+    del raw["model"]["generator"], raw["loss_weights"]["clm"], raw["loss_weights"]["cmoc"]
+    del raw["text_mask_weighting"], raw["model"]["rtd_reads_clm"]
     raw["model"]["generator_tied"] = tied
     (tmp_path / "config.json").write_text(json.dumps(raw))
     loaded = workdir_lib.load_config(str(tmp_path))
     assert loaded.model.generator == kind and loaded.loss_weights.clm == 0.0
     assert "generator_tied" not in loaded.model
+    # Nor did its time mask by salience, keep regions masked or let RTD read a CLM.
+    assert (loaded.text_mask_weighting, loaded.model.rtd_reads_clm) == ("uniform", False)
 
 
 def test_unknown_config_key_is_an_error_naming_it():

@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
   workdir = str(root / "run")
   os.makedirs(workdir)
   workdir_lib.save_config(config, workdir)
-  setup = setup_lib.build(config, special_ids)
+  setup = setup_lib.build_for_run(data, workdir)
   state = setup_lib.init_state(setup, seed=0)
   leaves, treedef = jax.tree.flatten(state["params"])
   rng = np.random.default_rng(0)

@@ -231,7 +231,7 @@ def test_export_from_scanned_params_equals_export_from_unrolled(tmp_path):
     return setup_lib.prepare_data(ml_collections.ConfigDict(c)).config
 
   cu, cs = config(False), config(True)
-  su = setup_lib.build(cu, SPECIAL_IDS)
+  su = setup_lib.build(cu, SPECIAL_IDS, setup_lib.flat_mask_salience(cu))
   rng = np.random.default_rng(0)
   params_u = jax.tree.map(lambda a: rng.normal(0, 0.05, a.shape).astype(np.float32),
                           su.abstract_state["params"])
