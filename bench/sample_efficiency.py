@@ -21,6 +21,10 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
   no_r2d        electra with loss_weights.r2d = 0 (no region discriminator)
   no_rtd        electra with loss_weights.rtd = 0 (no token discriminator)
   moc_regress   electra with MOC `regress` (regressed region features as replacements)
+  no_salience   electra with uniform word masking (text_mask_weighting=uniform)
+  no_rtd_reads_clm  electra with RTD on its own head (model.rtd_reads_clm=False)
+  no_clm        electra without the corrective LM/MOC (and so RTD on its own head)
+  no_region_keep  electra replacing every masked region (discriminator_region_mask_fraction=0)
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -61,8 +65,14 @@ VARIANTS = {
     "no_r2d": ("objective=electra", {"loss_weights.r2d": 0.0}),
     "no_rtd": ("objective=electra", {"loss_weights.rtd": 0.0}),
     "moc_regress": ("objective=electra,moc=regress", {}),
+    # Each part of the default's grounding off (docs/method.md §9).
+    "no_salience": ("objective=electra", {"text_mask_weighting": "uniform"}),
+    "no_rtd_reads_clm": ("objective=electra", {"model.rtd_reads_clm": False}),
+    "no_clm": ("objective=electra", {"loss_weights.clm": 0.0, "loss_weights.cmoc": 0.0,
+                                     "model.rtd_reads_clm": False}),
+    "no_region_keep": ("objective=electra", {"discriminator_region_mask_fraction": 0.0}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
-    # masked pass, discriminator weights 1 -- the one electra setting that learns ITM.
+    # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),
 }
 SIZE = "small"
