@@ -130,6 +130,7 @@ class _Inputs:
 
   text_ids: Array
   text_mask: Array
+  maskable: Array  # [B, T] bool: real words, not [CLS]/[SEP] (the only ones ever replaced)
   masked_ids: Array
   text_positions: Array
   text_weights: Array  # real mask slots
@@ -167,7 +168,7 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _
   if labels is None:
     labels = jnp.full(region_mask.shape, -1, jnp.int32)
   return _Inputs(
-      text_ids=text_ids, text_mask=text_mask,
+      text_ids=text_ids, text_mask=text_mask, maskable=maskable,
       masked_ids=electra.mask_text(text_ids, t_pos, t_w, ocfg.mask_id),
       text_positions=t_pos, text_weights=t_w,
       feats=feats, boxes=batch["region_boxes"], region_mask=region_mask, region_labels=labels,
@@ -313,13 +314,11 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
 
 
 def _discriminator_weights(x, pair_w: Array, c: _Corruption,
-                           special_ids: tuple[int, ...] | None = None) -> tuple[Array, Array]:
-  """RTD's and R2D's per-position weights: real words and regions of matched pairs, less
-  the slots left masked (a [MASK] is plainly not the original: no target there), and
-  given `special_ids` less those tokens ([CLS], [SEP] are never replaced)."""
-  text_w = x.text_mask * pair_w[:, None]
-  if special_ids is not None:
-    text_w = text_w * ~jnp.isin(x.text_ids, jnp.asarray(special_ids))
+                           words_only: bool = False) -> tuple[Array, Array]:
+  """RTD's and R2D's per-position weights: real tokens (with `words_only`, the maskable
+  words: [CLS] and [SEP] are never replaced) and regions of matched pairs, less the slots
+  left masked (a [MASK] is plainly not the original: no target there)."""
+  text_w = (x.maskable if words_only else x.text_mask) * pair_w[:, None]
   if c.kept_masked is not None:
     text_w = text_w * ~electra.positions_to_dense(x.text_positions, c.kept_masked, x.text_ids.shape[1])
   region_w = x.region_mask * pair_w[:, None]
@@ -405,8 +404,7 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   rtd_logits, r2d_logits = discriminated["rtd"], discriminated["r2d"]
   # RTD reading the corrective LM skips [CLS] and [SEP]: there it would only teach the
   # corrective LM to name them, pulling the [CLS] state the pooler reads (docs/method.md §9).
-  text_w, region_w = _discriminator_weights(
-      x, pair_w, c, ocfg.special_ids if model.cfg.rtd_reads_clm else None)
+  text_w, region_w = _discriminator_weights(x, pair_w, c, words_only=model.cfg.rtd_reads_clm)
   rtd = metrics_lib.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = metrics_lib.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
   itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else discriminated["itm"], x)

@@ -63,31 +63,20 @@ def prepare_data(config) -> DataContext:
 def mask_salience(data: DataContext, workdir: str | None) -> np.ndarray | None:
   """The run's per-token mask salience (data/mask_salience.py), None under uniform masking.
 
-  Read from the run directory where a run saved it; else measured on (the first
-  `data.mask_salience_examples` captions of) the train split and, given a `workdir`,
-  saved there, so that resuming and evaluating mask as training did.
+  The table the run saved in `workdir` (`train` saves it beside config.json, once the start
+  is accepted), so that resuming and evaluating mask as training did; else measured on
+  the first `data.mask_salience_examples` captions of the train split. Writes nothing.
   """
   config = data.config
   if config.text_mask_weighting != "salience":
     return None
-  path = workdir_lib.mask_salience_path(workdir) if workdir else None
-  if path is not None and path.exists():
-    with path.open("rb") as f:
-      table = np.load(f)
-    if table.shape != (config.model.vocab_size,):
-      raise errors.InvalidInput(f"{path} has shape {table.shape}; expected ({config.model.vocab_size},) "
-                                "(model.vocab_size): it was written for another vocabulary")
-    return table
+  if workdir:
+    saved = workdir_lib.load_mask_salience(workdir, config.model.vocab_size)
+    if saved is not None:
+      return saved
   rows = pipeline.caption_token_rows(config.data, "train", data.tokenizer,
                                      config.data.mask_salience_examples)
-  table = mask_salience_lib.context_surprisal(rows, config.model.vocab_size)
-  if path is not None and jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + ".tmp")
-    with tmp.open("wb") as f:
-      np.save(f, table)
-    tmp.rename(path)  # whole or absent, never half-written
-  return table
+  return mask_salience_lib.context_surprisal(rows, config.model.vocab_size)
 
 
 def flat_mask_salience(config) -> np.ndarray | None:

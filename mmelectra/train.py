@@ -32,7 +32,8 @@ def train_and_evaluate(config, workdir: str, strict: bool = False) -> dict:
   workdir_lib.check_kind(workdir, "pretrain")
   data = setup_lib.prepare_data(config)
   config = data.config
-  setup = setup_lib.build_for_run(data, workdir)
+  salience = setup_lib.mask_salience(data, workdir)
+  setup = setup_lib.build(config, data.special_ids, salience)
   data_iter = data.iterator("train", batch_size=config.batch_size // jax.process_count(),
                             seed=config.seed, shuffle=True, process_index=jax.process_index(),
                             process_count=jax.process_count())
@@ -64,5 +65,7 @@ def train_and_evaluate(config, workdir: str, strict: bool = False) -> dict:
                     resumed, config.init_from)
   if jax.process_index() == 0:
     workdir_lib.save_config(config, workdir)
+    if salience is not None:
+      workdir_lib.save_mask_salience(salience, workdir)
   _, last, _ = loop.run_loop(run, manager, state)
   return last

@@ -24,6 +24,7 @@ from absl import logging
 from etils import epath
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mmelectra import checkpoint
@@ -52,6 +53,29 @@ def checkpoint_dir(workdir: str) -> str:
 def mask_salience_path(workdir: str) -> epath.Path:
   """The run's per-token mask salience (`setup.mask_salience`), a float32 `.npy`."""
   return path(workdir) / MASK_SALIENCE
+
+
+def load_mask_salience(workdir: str, vocab_size: int):
+  """The mask-salience table a run saved (`[vocab_size]`), or None where it saved none."""
+  target = mask_salience_path(workdir)
+  if not target.exists():
+    return None
+  with target.open("rb") as f:
+    table = np.load(f)
+  if table.shape != (vocab_size,):
+    raise errors.InvalidInput(f"{target} has shape {table.shape}; expected ({vocab_size},) "
+                              "(model.vocab_size): it was written for another vocabulary")
+  return table
+
+
+def save_mask_salience(table, workdir: str) -> None:
+  """Saves the table whole or not at all (written aside, then renamed)."""
+  target = mask_salience_path(workdir)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / (target.name + ".tmp")
+  with tmp.open("wb") as f:
+    np.save(f, table)
+  tmp.rename(target)
 
 
 # --- the config ---------------------------------------------------------------------------

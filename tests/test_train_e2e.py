@@ -39,6 +39,8 @@ def test_electra_losses_fall_and_evaluate_writes_json(data_dir, tmp_path):
   train.train_and_evaluate(_config(data_dir, "electra", 60), workdir)
   rows = _read_metrics(workdir)
   assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+  # The default masks by salience; the run keeps the table it masked with.
+  assert os.path.exists(os.path.join(workdir, "mask_salience.npy"))
   first, last = rows[0], rows[-1]
   for key in ("moc_loss", "mlm_loss", "r2d_loss", "rtd_loss", "itm_loss", "rtd_auc", "r2d_auc",
               "text_replaced_frac", "region_replaced_frac", "grad_norm", "learning_rate",

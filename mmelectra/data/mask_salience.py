@@ -15,7 +15,7 @@ tokens p and n in a train caption,
 with c the counts over the captions, a the add-a smoothing and V the number of token
 types seen; a token's salience is the mean over its occurrences. Tokens never seen in the
 sample get the largest salience seen (a rare word is more likely a content word). The
-table is computed once per run and saved in the run directory (`workdir.mask_salience`),
+table is measured when a run starts and saved in its directory (`workdir.save_mask_salience`),
 so a resumed or evaluated run masks as it trained.
 """
 

@@ -72,6 +72,14 @@ def prepared_builder(data_cfg):
   return builder
 
 
+def _builder_with_split(data_cfg, split: str):
+  """`prepared_builder`, after checking that it has `split` (an error naming the splits)."""
+  builder = prepared_builder(data_cfg)
+  if split not in builder.info.splits:
+    raise errors.MissingEntry(f"split {split!r} not in {sorted(builder.info.splits.keys())}")
+  return builder
+
+
 def load_tokenizer(data_cfg) -> tokenizers.Tokenizer:
   """`config.data.tokenizer` (a BERT vocab.txt, tokenizer.json or directory) if set, else
   the WordPiece tokenizer saved beside the prepared data set."""
@@ -108,12 +116,9 @@ def example_table(builder, split: str, data_cfg) -> np.ndarray | None:
 def dataset_size(data_cfg, split: str) -> int:
   """Number of examples in `split` (all processes together): records, or (record,
   caption) pairs for real corpora with `config.data.all_captions`."""
-  builder = prepared_builder(data_cfg)
-  splits = builder.info.splits
-  if split not in splits:
-    raise errors.MissingEntry(f"split {split!r} not in {sorted(splits.keys())}")
+  builder = _builder_with_split(data_cfg, split)
   table = example_table(builder, split, data_cfg)
-  return splits[split].num_examples if table is None else len(table)
+  return builder.info.splits[split].num_examples if table is None else len(table)
 
 
 def caption_token_rows(data_cfg, split: str, tokenizer: tokenizers.Tokenizer,
@@ -121,9 +126,7 @@ def caption_token_rows(data_cfg, split: str, tokenizer: tokenizers.Tokenizer,
   """The token ids ("[CLS] caption [SEP]", unpadded) of the first `max_examples` examples of
   `split`, in record order: what `data/mask_salience.py` counts. A caption that does not
   read is left out here; training names its record."""
-  builder = prepared_builder(data_cfg)
-  if split not in builder.info.splits:
-    raise errors.MissingEntry(f"split {split!r} not in {sorted(builder.info.splits.keys())}")
+  builder = _builder_with_split(data_cfg, split)
   source = builder.as_data_source(split=split)
   table = example_table(builder, split, data_cfg)
   if table is None:
@@ -413,9 +416,7 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: 
   Supports next(), get_state() and set_state() for exact resume. num_epochs=None repeats
   forever. Close it (`it.close()`) when num_workers > 0 to stop the worker processes.
   """
-  builder = prepared_builder(data_cfg)
-  if split not in builder.info.splits:
-    raise errors.MissingEntry(f"split {split!r} not in {sorted(builder.info.splits.keys())}")
+  builder = _builder_with_split(data_cfg, split)
   # Under "error", data whose build dropped bad records is itself an error.
   bad_records.check_build_report(bad_records.read_report(builder.data_dir),
                                  on_bad_record(data_cfg), builder.data_dir)
