@@ -18,6 +18,7 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
   electra_crossmodal  electra with the generator reading both modalities (`generator=crossmodal`)
   electra_tied  electra with the tied generator (`generator=tied`), see docs/findings.md
   mlm           the LXMERT-style baseline (no generator): MLM + MOC + ITM on the encoder
+  mlm_salience  mlm with electra's salience word masking (text_mask_weighting=salience)
   no_r2d        electra with loss_weights.r2d = 0 (no region discriminator)
   no_rtd        electra with loss_weights.rtd = 0 (no token discriminator)
   moc_regress   electra with MOC `regress` (regressed region features as replacements)
@@ -62,6 +63,8 @@ VARIANTS = {
     "electra": ("objective=electra", {}),
     "electra_crossmodal": ("objective=electra,generator=crossmodal", {}),
     "mlm": ("objective=mlm", {}),
+    # The baseline with the default's word masking, so a comparison isolates the objective.
+    "mlm_salience": ("objective=mlm", {"text_mask_weighting": "salience"}),
     "no_r2d": ("objective=electra", {"loss_weights.r2d": 0.0}),
     "no_rtd": ("objective=electra", {"loss_weights.rtd": 0.0}),
     "moc_regress": ("objective=electra,moc=regress", {}),
