@@ -17,6 +17,7 @@ writing into it, and restore its parameters only.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -69,13 +70,22 @@ def load_mask_salience(workdir: str, vocab_size: int):
 
 
 def save_mask_salience(table, workdir: str) -> None:
-  """Saves the table whole or not at all (written aside, then renamed)."""
-  target = mask_salience_path(workdir)
+  """Saves the table as `WORKDIR/mask_salience.npy`, whole or not at all."""
+  buffer = io.BytesIO()
+  np.save(buffer, table)
+  _write_whole(mask_salience_path(workdir), buffer.getvalue())
+
+
+def _write_whole(target: epath.Path, content: str | bytes) -> None:
+  """Writes `target` whole or not at all: aside, then renamed over it, so a reader (or a
+  run killed mid-write) never sees half a file."""
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / (target.name + ".tmp")
-  with tmp.open("wb") as f:
-    np.save(f, table)
-  tmp.rename(target)
+  if isinstance(content, bytes):
+    tmp.write_bytes(content)
+  else:
+    tmp.write_text(content)
+  tmp.replace(target)
 
 
 # --- the config ---------------------------------------------------------------------------
@@ -146,10 +156,7 @@ def write_eval_results(workdir: str, step: int, metrics: dict) -> None:
   from tensorboardX import SummaryWriter
 
   target = epath.Path(eval_json_path(workdir, step))
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.parent / (target.name + ".tmp")
-  tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-  tmp.replace(target)  # a reader never sees half a file; evaluating again overwrites
+  _write_whole(target, json.dumps(metrics, indent=2, sort_keys=True))  # evaluating again overwrites
   tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard" / "eval"))
   for key, value in sorted(metrics.items()):
     if isinstance(value, (int, float)) and key != "step":
