@@ -137,6 +137,10 @@ def get_config(arg=None):
   c.discriminator_mask_hold_steps = 0
   c.text_temperature = 1.0
   c.region_temperature = 1.0
+  # ELECTRA (sec. 3.2) lets the generator's MLM/MOC train the embeddings it shares with the
+  # discriminator. False: the generator reads them through a stop-gradient and only the
+  # discriminator's losses train them (docs/method.md §9).
+  c.generator_trains_embeddings = True
   # The per-modality default (docs/method.md §9, docs/findings.md 2026-12-02 "salience"):
   # the corrective LM and MOC on, RTD reading the corrective LM, every loss at weight 1.
   disc_weight = 1.0 if (tied or per_modality) else 50.0

@@ -50,6 +50,8 @@ def upgrade(raw: dict) -> dict:
     uniformly and RTD read its own head only: an older run keeps both.
   - A loss weight a config lacks is a loss its version did not have: 0 (the corrective
     LM and MOC, contrastive alignment; today's per-modality default turns some on).
+  - Before `generator_trains_embeddings` the generator always trained the shared
+    embeddings (ELECTRA's sharing): an older run keeps True.
   """
   model = raw.get("model", {})
   if "generator" not in model:
@@ -59,6 +61,7 @@ def upgrade(raw: dict) -> dict:
   for name in ("clm", "cmoc", "itc"):
     raw.setdefault("loss_weights", {}).setdefault(name, 0.0)
   model.setdefault("rtd_reads_clm", False)
+  raw.setdefault("generator_trains_embeddings", True)
   return raw
 
 
@@ -168,6 +171,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
            *(f"loss_weights.{name}" for name in ("moc", "mlm", "r2d", "rtd", "itm", "clm", "cmoc", "itc"))),
     *_keys(_POSITIVE, "model.layer_norm_eps", "text_mask_salience_floor"),
     ("model.rtd_reads_clm", *_one_of(True, False)),
+    ("generator_trains_embeddings", *_one_of(True, False)),
     ("model.dtype", *_one_of("float32", "bfloat16")),
     ("model.generator", *_one_of("per_modality", "crossmodal", "tied")),
     ("model.generator_width_ratio", *_number(0, 1, lo_open=True)),

@@ -62,6 +62,11 @@ class ObjectiveConfig:
   # `text_mask_weighting="salience"`: the log masking weight of every token id
   # (data/mask_salience.py); None: every maskable word is equally likely.
   text_mask_log_weights: tuple[float, ...] | None = None
+  # ELECTRA shares the word table and the visual projection between generator and
+  # discriminator, and the generator's MLM/MOC train them too. False: the generator reads
+  # them through a stop-gradient, so only the discriminator's losses shape them
+  # (docs/method.md §9).
+  generator_trains_embeddings: bool = True
 
   @property
   def weights(self) -> dict[str, float]:
@@ -105,6 +110,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       mask_id=int(special_token_ids["mask"]),
       special_ids=tuple(int(special_token_ids[k]) for k in ("cls", "sep", "pad")),
       text_mask_log_weights=log_weights,
+      generator_trains_embeddings=bool(config.generator_trains_embeddings),
   )
 
 
@@ -189,6 +195,18 @@ def _itm_terms(itm_logits, x: _Inputs):
   labels = x.matched.astype(jnp.int32)
   itm = metrics_lib.cross_entropy(itm_logits, labels, x.example)
   return itm, metrics_lib.accuracy_sums(electra.argmax(itm_logits), labels, x.example)
+
+
+# The parameters the generator shares with the discriminator (the word table with its
+# position/type embeddings, and the visual projection).
+SHARED_EMBEDDINGS = ("embeddings", "visual_embeddings")
+
+
+def _with_detached_embeddings(params):
+  """`params` with the shared embeddings behind a stop-gradient, for the generator's pass
+  when `generator_trains_embeddings` is False: its losses then train its own layers and
+  heads only."""
+  return {k: jax.lax.stop_gradient(v) if k in SHARED_EMBEDDINGS else v for k, v in params.items()}
 
 
 def _region_embeddings(model: MMElectra, params, x: _Inputs) -> tuple[Array, Array]:
@@ -382,13 +400,17 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
 
   itm_on_masked = ocfg.itm_input == "masked"
   embeds, masked_embeds = _region_embeddings(model, params, x)
+  gen_params, gen_embeds, gen_masked_embeds = params, embeds, masked_embeds
+  if not ocfg.generator_trains_embeddings:
+    gen_params = _with_detached_embeddings(params)
+    gen_embeds, gen_masked_embeds = jax.lax.stop_gradient((embeds, masked_embeds))
   generated = model.apply(
-      {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
+      {"params": gen_params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
       x.text_positions, x.region_positions, deterministic, itm_on_masked,
-      region_embeds=masked_embeds, method=MMElectra.generate, rngs={"dropout": rng_gen})
+      region_embeds=gen_masked_embeds, method=MMElectra.generate, rngs={"dropout": rng_gen})
   mlm_logits, moc_out = generated[:2]
   mlm, mlm_acc = _mlm_terms(mlm_logits, x, text_loss_w)
-  moc, moc_acc, moc_scores = _moc_terms(moc_out, embeds, x, region_loss_w, ocfg)
+  moc, moc_acc, moc_scores = _moc_terms(moc_out, gen_embeds, x, region_loss_w, ocfg)
 
   c = _corrupt(model, params, x, rng_text, rng_region, mlm_logits, moc_out, moc_scores, embeds,
                masked_embeds, ocfg, step)

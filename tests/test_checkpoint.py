@@ -214,7 +214,7 @@ def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_p
     raw = pretrain.get_config("size=tiny").to_dict()
     raw["logical_axis_rules"] = [list(r) for r in raw["logical_axis_rules"]]
     del raw["model"]["generator"], raw["loss_weights"]["clm"], raw["loss_weights"]["cmoc"]
-    del raw["text_mask_weighting"], raw["model"]["rtd_reads_clm"]
+    del raw["text_mask_weighting"], raw["model"]["rtd_reads_clm"], raw["generator_trains_embeddings"]
     raw["model"]["generator_tied"] = tied
     (tmp_path / "config.json").write_text(json.dumps(raw))
     loaded = workdir_lib.load_config(str(tmp_path))
@@ -222,6 +222,7 @@ def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_p
     assert "generator_tied" not in loaded.model
     # Nor did its time mask by salience, keep regions masked or let RTD read a CLM.
     assert (loaded.text_mask_weighting, loaded.model.rtd_reads_clm) == ("uniform", False)
+    assert loaded.generator_trains_embeddings is True  # ELECTRA's sharing, all it had
 
 
 def test_unknown_config_key_is_an_error_naming_it():

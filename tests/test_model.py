@@ -1,5 +1,7 @@
 """Model structure: logical axis names, generator/discriminator sharing, deployed subset."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,26 +59,39 @@ def test_generator_is_narrower_and_shares_the_embeddings():
   assert sum("visn_fc" in p for p in paths) == 2  # kernel + bias
 
 
-def test_generator_reads_the_discriminators_embedding_arrays():
-  config = micro_config()
+@pytest.mark.parametrize("trains_embeddings", [True, False])
+def test_generator_reads_the_discriminators_embedding_arrays(trains_embeddings):
+  config = micro_config(generator_trains_embeddings=trains_embeddings)
   setup = setup_lib.build(config, SPECIAL_IDS)
   state = setup_lib.init_state(setup, 0)
   batch = jax.tree.map(jnp.asarray, random_batch(config))
 
-  def gen_loss(params):
-    # Only the generator's losses (MLM, MOC): their gradient must reach the shared word
-    # table and visual projection (the same arrays the discriminator reads).
-    ocfg = setup.ocfg
-    weights = {k: 0.0 for k in ocfg.weights} | {"mlm": 1.0, "moc": 1.0}
-    ocfg = objectives.ObjectiveConfig(**{**ocfg.__dict__, "loss_weights": tuple(weights.items())})
-    return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[0]
+  # Only the generator's losses (MLM, MOC).
+  weights = {k: 0.0 for k in setup.ocfg.weights} | {"mlm": 1.0, "moc": 1.0}
+  only_generator = dataclasses.replace(setup.ocfg, loss_weights=tuple(weights.items()))
+  gen_loss = lambda p, ocfg=only_generator: objectives.compute_losses(
+      setup.model, p, batch, jax.random.key(0), ocfg, True)[0]
 
+  # By default (ELECTRA) their gradient reaches the shared word table and visual projection
+  # (the same arrays the discriminator reads); with generator_trains_embeddings=False it
+  # stops there.
   grads = _jit_grad(gen_loss)(state["params"])
-  assert float(jnp.abs(grads["embeddings"]["word_embeddings"]["embedding"]).sum()) > 0
-  assert float(jnp.abs(grads["visual_embeddings"]["visn_fc"]["kernel"]).sum()) > 0
+  total = lambda tree: sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(tree))
+  for name in objectives.SHARED_EMBEDDINGS:
+    assert (total(grads[name]) > 0) == trains_embeddings, name
+  assert (float(jnp.abs(grads["embeddings"]["word_embeddings"]["embedding"]).sum()) > 0) == trains_embeddings
+  assert (float(jnp.abs(grads["visual_embeddings"]["visn_fc"]["kernel"]).sum()) > 0) == trains_embeddings
+  # The generator's own layers and heads train either way ...
+  for name in ("generator_projection", "generator", "generator_mlm_head", "generator_moc_head"):
+    assert total(grads[name]) > 0, name
   # ... and not the discriminator's own layers or heads.
   assert float(jnp.abs(grads["rtd_head"]["logit"]["kernel"]).sum()) == 0
   assert float(jnp.abs(grads["encoder"]["l_layer_0"]["ffn"]["output"]["kernel"]).sum()) == 0
+  # The switch changes the gradient only, not the loss.
+  flipped = dataclasses.replace(only_generator, generator_trains_embeddings=not trains_embeddings)
+  np.testing.assert_allclose(float(jax.jit(gen_loss)(state["params"])),
+                             float(jax.jit(gen_loss, static_argnums=1)(state["params"], flipped)),
+                             rtol=1e-6)
 
 
 def test_per_modality_generator_reads_one_modality_per_head():
