@@ -26,6 +26,8 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
   no_rtd_reads_clm  electra with RTD on its own head (model.rtd_reads_clm=False)
   no_clm        electra without the corrective LM/MOC (and so RTD on its own head)
   no_region_keep  electra replacing every masked region (discriminator_region_mask_fraction=0)
+  clean_half    electra reading half the examples as the baseline's clean masked pair
+                (discriminator_clean_fraction=0.5)
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -74,6 +76,8 @@ VARIANTS = {
     "no_clm": ("objective=electra", {"loss_weights.clm": 0.0, "loss_weights.cmoc": 0.0,
                                      "model.rtd_reads_clm": False}),
     "no_region_keep": ("objective=electra", {"discriminator_region_mask_fraction": 0.0}),
+    # Half the pairs clean, for the corrective MOC's sake (docs/findings.md, 2026-12-03).
+    "clean_half": ("objective=electra", {"discriminator_clean_fraction": 0.5}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),

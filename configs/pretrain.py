@@ -135,6 +135,11 @@ def get_config(arg=None):
   c.discriminator_region_mask_fraction = 0.5 if per_modality else 0.0
   c.discriminator_mask_decay_steps = 0
   c.discriminator_mask_hold_steps = 0
+  # Share of the examples read as the baseline's clean masked pair (no slot replaced, every
+  # masked word [MASK] and region zeroed; not scheduled): there the corrective LM/MOC are
+  # the baseline's MLM/MOC, whose region half never learns on a corrupted pair
+  # (docs/findings.md, 2026-12-03). 0: every example corrupted.
+  c.discriminator_clean_fraction = 0.0
   c.text_temperature = 1.0
   c.region_temperature = 1.0
   # ELECTRA (sec. 3.2) lets the generator's MLM/MOC train the embeddings it shares with the

@@ -209,20 +209,31 @@ def sample_regions_of_class(rng: Array, classes: Array, candidate_labels: Array,
   return idx, match.any(axis=-1)
 
 
-def kept_slots(rng: Array, weights: Array, fraction) -> Array:
+def kept_slots(rng: Array, weights: Array, fraction, rows: Array | None = None) -> Array:
   """A random `fraction` of the real masked slots (`weights > 0`), bool `[B, M]`: those
-  the discriminator reads masked rather than replaced."""
-  return (jax.random.uniform(rng, weights.shape) < fraction) & (weights > 0)
+  the discriminator reads masked rather than replaced. `rows` (bool `[B]`, optional):
+  examples whose every real masked slot is kept as well (`clean_rows`)."""
+  kept = jax.random.uniform(rng, weights.shape) < fraction
+  if rows is not None:
+    kept = kept | rows[:, None]
+  return kept & (weights > 0)
+
+
+def clean_rows(rng: Array, batch_size: int, fraction) -> Array:
+  """A random `fraction` of the examples, bool `[B]`: pairs the discriminator reads as the
+  baseline reads its masked pair (every masked word `[MASK]`, every masked region
+  zeroed), nothing replaced anywhere in them."""
+  return jax.random.uniform(rng, (batch_size,)) < fraction
 
 
 def keep_masked(rng: Array, sampled: Array, weights: Array, fraction,
-                mask_id: int) -> tuple[Array, Array]:
+                mask_id: int, rows: Array | None = None) -> tuple[Array, Array]:
   """The tokens the discriminator reads at the masked slots `[B, M]`: the generator's
-  samples, except the `kept_slots`, which stay `mask_id`.
+  samples, except the `kept_slots` (with `rows`, see there), which stay `mask_id`.
 
   Returns the tokens and the bool `[B, M]` of the slots kept masked.
   """
-  kept = kept_slots(rng, weights, fraction)
+  kept = kept_slots(rng, weights, fraction, rows)
   return jnp.where(kept, jnp.asarray(mask_id, sampled.dtype), sampled), kept
 
 

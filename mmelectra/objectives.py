@@ -67,6 +67,11 @@ class ObjectiveConfig:
   # them through a stop-gradient, so only the discriminator's losses shape them
   # (docs/method.md §9).
   generator_trains_embeddings: bool = True
+  # Share of the examples the discriminator reads as the baseline's clean masked pair
+  # (every masked word `[MASK]`, every masked region zeroed; `electra.clean_rows`): on
+  # them the corrective LM/MOC are the baseline's MLM/MOC, which a pair with replaced
+  # words and regions does not teach (docs/findings.md, 2026-12-03). Not scheduled.
+  discriminator_clean_fraction: float = 0.0
 
   @property
   def weights(self) -> dict[str, float]:
@@ -111,6 +116,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       special_ids=tuple(int(special_token_ids[k]) for k in ("cls", "sep", "pad")),
       text_mask_log_weights=log_weights,
       generator_trains_embeddings=bool(config.generator_trains_embeddings),
+      discriminator_clean_fraction=float(config.discriminator_clean_fraction),
   )
 
 
@@ -299,20 +305,25 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
              embeds, masked_embeds, ocfg: ObjectiveConfig, step) -> _Corruption:
   """Writes the generator's predictions back (gradient stopped through token samples),
   leaving `discriminator_mask_fraction` of the masked words and
-  `discriminator_region_mask_fraction` of the masked regions masked instead."""
-  kept_masked = kept_regions = None
-  keep = ocfg.discriminator_mask_fraction > 0 or ocfg.discriminator_region_mask_fraction > 0
+  `discriminator_region_mask_fraction` of the masked regions masked instead, and every
+  masked slot of a `discriminator_clean_fraction` of the examples."""
+  kept_masked = kept_regions = clean = None
+  keep = (ocfg.discriminator_mask_fraction > 0 or ocfg.discriminator_region_mask_fraction > 0
+          or ocfg.discriminator_clean_fraction > 0)
   if keep:  # split only here, so runs without it keep their random streams
     rng_text, rng_keep = jax.random.split(rng_text)
     rng_region, rng_keep_region = jax.random.split(rng_region)
+  if ocfg.discriminator_clean_fraction > 0:
+    rng_keep, rng_clean = jax.random.split(rng_keep)
+    clean = electra.clean_rows(rng_clean, x.text_ids.shape[0], ocfg.discriminator_clean_fraction)
   sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
   if keep:
     sampled_tokens, kept_masked = electra.keep_masked(
         rng_keep, sampled_tokens, x.text_weights, discriminator_mask_fraction(ocfg, step),
-        ocfg.mask_id)
+        ocfg.mask_id, clean)
     kept_regions = electra.kept_slots(
         rng_keep_region, x.region_weights,
-        discriminator_mask_fraction(ocfg, step, ocfg.discriminator_region_mask_fraction))
+        discriminator_mask_fraction(ocfg, step, ocfg.discriminator_region_mask_fraction), clean)
   corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
 
   def project(feats):

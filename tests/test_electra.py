@@ -286,3 +286,17 @@ def test_keep_masked_leaves_the_requested_share_of_real_slots_masked():
   np.testing.assert_array_equal(tokens, np.where(kept, 4, 7))
   none, _ = electra.keep_masked(jax.random.key(0), sampled, weights, 0.0, mask_id=4)
   np.testing.assert_array_equal(np.asarray(none), 7)
+
+
+def test_clean_rows_keep_every_real_slot_of_their_examples_and_only_those():
+  weights = jnp.ones((400, 6)).at[:, -1].set(0.0)
+  rows = electra.clean_rows(jax.random.key(1), 400, 0.3)
+  assert abs(float(rows.mean()) - 0.3) < 0.06
+  kept = np.asarray(electra.kept_slots(jax.random.key(0), weights, 0.0, rows))
+  # All or nothing per example, never a padding slot.
+  np.testing.assert_array_equal(kept[:, :-1], np.repeat(np.asarray(rows)[:, None], 5, 1))
+  assert not kept[:, -1].any()
+  # With a slot share as well: a clean row is whole, the others keep about that share.
+  mixed = np.asarray(electra.kept_slots(jax.random.key(0), weights, 0.5, rows))
+  assert mixed[np.asarray(rows), :-1].all()
+  assert abs(mixed[~np.asarray(rows), :-1].mean() - 0.5) < 0.05

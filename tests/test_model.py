@@ -263,6 +263,29 @@ def test_discriminator_mask_fraction_reads_masked_slots_masked_on_a_schedule():
     assert (float(sums["region_replaced_frac"][1]) > 0) == (regions == 0.0)
 
 
+def test_clean_pairs_are_read_as_the_baselines_masked_pair():
+  config = micro_config(discriminator_region_mask_fraction=0.0,
+                        **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  params = setup_lib.init_state(setup, 0)["params"]
+  batch = jax.tree.map(jnp.asarray, random_batch(config))
+
+  def sums_with(fraction):
+    ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__,
+                                         "discriminator_clean_fraction": fraction})
+    return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[1]
+
+  none, every = sums_with(0.0), sums_with(1.0)
+  # Every example clean: no masked word or region is replaced, so RTD and R2D count only the
+  # untouched positions; the corrective heads still train at every masked slot.
+  assert float(none["text_replaced_frac"][1]) > 0 and float(none["region_replaced_frac"][1]) > 0
+  assert float(every["text_replaced_frac"][1]) == 0 and float(every["region_replaced_frac"][1]) == 0
+  assert float(every["rtd_loss"][1]) < float(none["rtd_loss"][1])
+  assert float(every["r2d_loss"][1]) < float(none["r2d_loss"][1])
+  assert float(every["clm_loss"][1]) == float(none["clm_loss"][1]) > 0
+  assert float(every["cmoc_loss"][1]) == float(none["cmoc_loss"][1]) > 0
+
+
 def test_tied_generator_runs_the_discriminators_encoder():
   config = micro_config(**{"model.generator": "tied"})
   params = nn.unbox(_boxed_params(config))
