@@ -28,6 +28,8 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
   no_region_keep  electra replacing every masked region (discriminator_region_mask_fraction=0)
   clean_half    electra reading half the examples as the baseline's clean masked pair
                 (discriminator_clean_fraction=0.5)
+  witness       electra corrupting one modality per example and reading the other
+                unmasked (discriminator_witness_fraction=1.0)
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -78,6 +80,8 @@ VARIANTS = {
     "no_region_keep": ("objective=electra", {"discriminator_region_mask_fraction": 0.0}),
     # Half the pairs clean, for the corrective MOC's sake (docs/findings.md, 2026-12-03).
     "clean_half": ("objective=electra", {"discriminator_clean_fraction": 0.5}),
+    # One modality corrupted per example, the other an intact witness (docs/method.md §9).
+    "witness": ("objective=electra", {"discriminator_witness_fraction": 1.0}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),

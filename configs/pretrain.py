@@ -140,6 +140,11 @@ def get_config(arg=None):
   # the baseline's MLM/MOC, whose region half never learns on a corrupted pair
   # (docs/findings.md, 2026-12-03). 0: every example corrupted.
   c.discriminator_clean_fraction = 0.0
+  # Share of the examples in which only one modality is corrupted: the other (the words in
+  # half of them, the regions in the other half) reads unmasked, an intact witness, so a
+  # replaced word can be told from the image it contradicts and a replaced region from
+  # the caption (docs/method.md §9). 0: both corrupted in every example.
+  c.discriminator_witness_fraction = 0.0
   c.text_temperature = 1.0
   c.region_temperature = 1.0
   # ELECTRA (sec. 3.2) lets the generator's MLM/MOC train the embeddings it shares with the

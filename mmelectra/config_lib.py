@@ -167,7 +167,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
     *_keys(_RATE, "text_mask_rate", "region_mask_rate", "itm_negative_fraction",
            "model.dropout_rate", "model.attention_dropout_rate"),
     *_keys(_number(0, 1), "discriminator_mask_fraction", "discriminator_region_mask_fraction",
-           "discriminator_clean_fraction"),
+           "discriminator_clean_fraction", "discriminator_witness_fraction"),
     *_keys(_NON_NEGATIVE, "text_temperature", "region_temperature",
            *(f"loss_weights.{name}" for name in ("moc", "mlm", "r2d", "rtd", "itm", "clm", "cmoc", "itc"))),
     *_keys(_POSITIVE, "model.layer_norm_eps", "text_mask_salience_floor"),

@@ -226,6 +226,24 @@ def clean_rows(rng: Array, batch_size: int, fraction) -> Array:
   return jax.random.uniform(rng, (batch_size,)) < fraction
 
 
+def witness_rows(rng: Array, batch_size: int, fraction) -> tuple[Array, Array]:
+  """Examples whose one modality is the other's uncorrupted witness, bool `[B]` each
+  (disjoint): a random `fraction` of the examples, half with their words and half with
+  their regions read unmasked. In them only the other modality is corrupted, so whether a
+  slot was replaced can be read off an intact other side (docs/method.md §9)."""
+  rng_rows, rng_side = jax.random.split(rng)
+  rows = jax.random.uniform(rng_rows, (batch_size,)) < fraction
+  text_side = jax.random.bernoulli(rng_side, 0.5, (batch_size,))
+  return rows & text_side, rows & ~text_side
+
+
+def restore_rows(values: Array, originals: Array, rows: Array) -> Array:
+  """`values` `[B, M, ...]` with every slot of the examples in `rows` (bool `[B]`) set back
+  to `originals` (same shape)."""
+  rows = rows.reshape(rows.shape + (1,) * (values.ndim - 1))
+  return jnp.where(rows, originals, values).astype(values.dtype)
+
+
 def keep_masked(rng: Array, sampled: Array, weights: Array, fraction,
                 mask_id: int, rows: Array | None = None) -> tuple[Array, Array]:
   """The tokens the discriminator reads at the masked slots `[B, M]`: the generator's

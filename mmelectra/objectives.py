@@ -72,6 +72,11 @@ class ObjectiveConfig:
   # them the corrective LM/MOC are the baseline's MLM/MOC, which a pair with replaced
   # words and regions does not teach (docs/findings.md, 2026-12-03). Not scheduled.
   discriminator_clean_fraction: float = 0.0
+  # Share of the examples in which only one modality is corrupted and the other (half the
+  # time the words, half the regions) is read unmasked, an intact witness
+  # (`electra.witness_rows`). Its slots leave the corrective LM/MOC (nothing to correct)
+  # and stay in RTD/R2D as originals. Not scheduled.
+  discriminator_witness_fraction: float = 0.0
 
   @property
   def weights(self) -> dict[str, float]:
@@ -117,6 +122,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       text_mask_log_weights=log_weights,
       generator_trains_embeddings=bool(config.generator_trains_embeddings),
       discriminator_clean_fraction=float(config.discriminator_clean_fraction),
+      discriminator_witness_fraction=float(config.discriminator_witness_fraction),
   )
 
 
@@ -299,6 +305,8 @@ class _Corruption(NamedTuple):
   embeds: Array  # [B, K, E] their embeddings (what the encoder reads)
   kept_masked: Array | None  # [B, Mt] masked words read as [MASK] (not replaced)
   kept_regions: Array | None  # [B, Mr] masked regions read as all-zero (not replaced)
+  witness_text: Array | None = None  # [B] examples whose masked words read as the originals
+  witness_regions: Array | None = None  # [B] examples whose masked regions read as the originals
 
 
 def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_out, moc_scores,
@@ -306,8 +314,14 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
   """Writes the generator's predictions back (gradient stopped through token samples),
   leaving `discriminator_mask_fraction` of the masked words and
   `discriminator_region_mask_fraction` of the masked regions masked instead, and every
-  masked slot of a `discriminator_clean_fraction` of the examples."""
-  kept_masked = kept_regions = clean = None
+  masked slot of a `discriminator_clean_fraction` of the examples; in a
+  `discriminator_witness_fraction` of them one modality's masked slots read as the
+  originals (which overrides both)."""
+  kept_masked = kept_regions = clean = witness_text = witness_regions = None
+  if ocfg.discriminator_witness_fraction > 0:  # split only here (the streams of runs without)
+    rng_text, rng_witness = jax.random.split(rng_text)
+    witness_text, witness_regions = electra.witness_rows(
+        rng_witness, x.text_ids.shape[0], ocfg.discriminator_witness_fraction)
   keep = (ocfg.discriminator_mask_fraction > 0 or ocfg.discriminator_region_mask_fraction > 0
           or ocfg.discriminator_clean_fraction > 0)
   if keep:  # split only here, so runs without it keep their random streams
@@ -324,6 +338,11 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
     kept_regions = electra.kept_slots(
         rng_keep_region, x.region_weights,
         discriminator_mask_fraction(ocfg, step, ocfg.discriminator_region_mask_fraction), clean)
+  if witness_text is not None:
+    sampled_tokens = electra.restore_rows(sampled_tokens, gather(x.text_ids, x.text_positions),
+                                          witness_text)
+    if kept_masked is not None:
+      kept_masked = kept_masked & ~witness_text[:, None]
   corrupted_ids = electra.scatter(x.text_ids, x.text_positions, sampled_tokens, x.text_weights)
 
   def project(feats):
@@ -336,10 +355,17 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
     replacement = jnp.where(kept_regions[..., None], 0.0, replacement).astype(replacement.dtype)
     replacement_embeds = jnp.where(kept_regions[..., None], gather(masked_embeds, x.region_positions),
                                    replacement_embeds)
+  if witness_regions is not None:
+    replacement = electra.restore_rows(replacement, gather(x.feats, x.region_positions),
+                                       witness_regions)
+    replacement_embeds = electra.restore_rows(replacement_embeds, gather(embeds, x.region_positions),
+                                              witness_regions)
+    if kept_regions is not None:
+      kept_regions = kept_regions & ~witness_regions[:, None]
   return _Corruption(
       corrupted_ids, electra.scatter(x.feats, x.region_positions, replacement, x.region_weights),
       electra.scatter(embeds, x.region_positions, replacement_embeds, x.region_weights),
-      kept_masked, kept_regions)
+      kept_masked, kept_regions, witness_text, witness_regions)
 
 
 def _discriminator_weights(x, pair_w: Array, c: _Corruption,
@@ -386,9 +412,13 @@ def _grounding_terms(discriminated: dict, x, pair_w, text_loss_w, region_loss_w,
 def _replaced_fractions(x, pair_w, c: _Corruption, rtd_labels, r2d_labels) -> dict:
   """Share of the sampled words and replaced regions that differ from the original."""
   sampled_w = x.text_weights if c.kept_masked is None else x.text_weights * ~c.kept_masked
+  if c.witness_text is not None:
+    sampled_w = sampled_w * ~c.witness_text[:, None]
   masked_text = electra.positions_to_dense(x.text_positions, sampled_w * pair_w[:, None],
                                            x.text_ids.shape[1])
   replaced_w = x.region_weights if c.kept_regions is None else x.region_weights * ~c.kept_regions
+  if c.witness_regions is not None:
+    replaced_w = replaced_w * ~c.witness_regions[:, None]
   masked_regions = electra.positions_to_dense(x.region_positions, replaced_w * pair_w[:, None],
                                               x.feats.shape[1])
   return {
@@ -443,6 +473,10 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else discriminated["itm"], x)
 
   losses = {"moc": moc, "mlm": mlm, "r2d": r2d, "rtd": rtd, "itm": itm}
+  # A witness's slots read as the originals: nothing for the corrective LM/MOC to correct.
+  if c.witness_text is not None:
+    text_loss_w = text_loss_w * ~c.witness_text[:, None]
+    region_loss_w = region_loss_w * ~c.witness_regions[:, None]
   extra_losses, extra_accs = _grounding_terms(discriminated, x, pair_w, text_loss_w,
                                               region_loss_w, embeds, ocfg)
   losses.update(extra_losses)

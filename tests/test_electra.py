@@ -300,3 +300,16 @@ def test_clean_rows_keep_every_real_slot_of_their_examples_and_only_those():
   mixed = np.asarray(electra.kept_slots(jax.random.key(0), weights, 0.5, rows))
   assert mixed[np.asarray(rows), :-1].all()
   assert abs(mixed[~np.asarray(rows), :-1].mean() - 0.5) < 0.05
+
+
+def test_witness_rows_are_disjoint_split_evenly_and_restore_whole_examples():
+  text, regions = (np.asarray(r) for r in electra.witness_rows(jax.random.key(2), 4000, 0.6))
+  assert not (text & regions).any()
+  assert abs((text | regions).mean() - 0.6) < 0.03
+  assert abs(text.mean() - 0.3) < 0.03 and abs(regions.mean() - 0.3) < 0.03
+  assert not electra.witness_rows(jax.random.key(2), 50, 0.0)[0].any()
+  values = jnp.arange(24, dtype=jnp.float32).reshape(3, 4, 2)
+  rows = jnp.array([False, True, False])
+  restored = np.asarray(electra.restore_rows(values, -values, rows))
+  np.testing.assert_array_equal(restored[1], -np.asarray(values[1]))
+  np.testing.assert_array_equal(restored[[0, 2]], np.asarray(values)[[0, 2]])

@@ -286,6 +286,49 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair():
   assert float(every["cmoc_loss"][1]) == float(none["cmoc_loss"][1]) > 0
 
 
+def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads():
+  config = micro_config(discriminator_region_mask_fraction=0.0,
+                        **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  params = setup_lib.init_state(setup, 0)["params"]
+  batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
+  x = objectives._prepare(batch, jax.random.split(jax.random.key(0), 5)[0], setup.ocfg)
+
+  def corruption(fraction, **extra):
+    ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__,
+                                         "discriminator_witness_fraction": fraction, **extra})
+    embeds, masked = objectives._region_embeddings(setup.model, params, x)
+    generated = setup.model.apply(
+        {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
+        x.text_positions, x.region_positions, True, False, region_embeds=masked,
+        method=setup.model.generate)
+    scores = objectives._moc_terms(generated[1], embeds, x, x.region_weights, ocfg)[2]
+    return objectives._corrupt(setup.model, params, x, jax.random.key(1), jax.random.key(2),
+                               generated[0], generated[1], scores, embeds, masked, ocfg, None)
+
+  # Every example a witness, words kept masked in a share as well: each example has one
+  # side exactly as the data has it (no [MASK], no replacement) and the other corrupted.
+  c = corruption(1.0, discriminator_mask_fraction=0.5)
+  text_side, region_side = np.asarray(c.witness_text), np.asarray(c.witness_regions)
+  assert (text_side ^ region_side).all() and text_side.any() and region_side.any()
+  same_text = (np.asarray(c.ids) == np.asarray(x.text_ids)).all(axis=1)
+  same_regions = np.isclose(np.asarray(c.feats), np.asarray(x.feats)).all(axis=(1, 2))
+  np.testing.assert_array_equal(same_text[text_side], True)
+  np.testing.assert_array_equal(same_regions[region_side], True)
+  assert not np.asarray(c.kept_masked)[text_side].any()
+  assert not same_text[region_side].all() and not same_regions[text_side].all()
+
+  def sums_with(fraction):
+    ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__,
+                                         "discriminator_witness_fraction": fraction})
+    return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[1]
+
+  none, every = sums_with(0.0), sums_with(1.0)
+  # A witness's slots leave the corrective LM/MOC and the replaced shares.
+  for name in ("clm_loss", "cmoc_loss", "text_replaced_frac", "region_replaced_frac"):
+    assert 0 < float(every[name][1]) < float(none[name][1]), name
+
+
 def test_tied_generator_runs_the_discriminators_encoder():
   config = micro_config(**{"model.generator": "tied"})
   params = nn.unbox(_boxed_params(config))
