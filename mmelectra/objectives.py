@@ -318,7 +318,7 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
   `discriminator_witness_fraction` of them one modality's masked slots read as the
   originals (which overrides both)."""
   kept_masked = kept_regions = clean = witness_text = witness_regions = None
-  if ocfg.discriminator_witness_fraction > 0:  # split only here (the streams of runs without)
+  if ocfg.discriminator_witness_fraction > 0:  # split only here, as `keep` below
     rng_text, rng_witness = jax.random.split(rng_text)
     witness_text, witness_regions = electra.witness_rows(
         rng_witness, x.text_ids.shape[0], ocfg.discriminator_witness_fraction)

@@ -294,21 +294,18 @@ def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads():
   batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
   x = objectives._prepare(batch, jax.random.split(jax.random.key(0), 5)[0], setup.ocfg)
 
-  def corruption(fraction, **extra):
-    ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__,
-                                         "discriminator_witness_fraction": fraction, **extra})
-    embeds, masked = objectives._region_embeddings(setup.model, params, x)
-    generated = setup.model.apply(
-        {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
-        x.text_positions, x.region_positions, True, False, region_embeds=masked,
-        method=setup.model.generate)
-    scores = objectives._moc_terms(generated[1], embeds, x, x.region_weights, ocfg)[2]
-    return objectives._corrupt(setup.model, params, x, jax.random.key(1), jax.random.key(2),
-                               generated[0], generated[1], scores, embeds, masked, ocfg, None)
-
   # Every example a witness, words kept masked in a share as well: each example has one
   # side exactly as the data has it (no [MASK], no replacement) and the other corrupted.
-  c = corruption(1.0, discriminator_mask_fraction=0.5)
+  ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__, "discriminator_witness_fraction": 1.0,
+                                       "discriminator_mask_fraction": 0.5})
+  embeds, masked = objectives._region_embeddings(setup.model, params, x)
+  generated = setup.model.apply(
+      {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
+      x.text_positions, x.region_positions, True, False, region_embeds=masked,
+      method=setup.model.generate)
+  scores = objectives._moc_terms(generated[1], embeds, x, x.region_weights, ocfg)[2]
+  c = objectives._corrupt(setup.model, params, x, jax.random.key(1), jax.random.key(2),
+                          generated[0], generated[1], scores, embeds, masked, ocfg, None)
   text_side, region_side = np.asarray(c.witness_text), np.asarray(c.witness_regions)
   assert (text_side ^ region_side).all() and text_side.any() and region_side.any()
   same_text = (np.asarray(c.ids) == np.asarray(x.text_ids)).all(axis=1)
