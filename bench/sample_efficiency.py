@@ -30,8 +30,6 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
                 (discriminator_clean_fraction=0.5)
   witness       electra corrupting one modality per example and reading the other
                 unmasked (discriminator_witness_fraction=1.0)
-  clean_half_itm  clean_half with ITM learning from the clean examples only
-                (itm_examples=uncorrupted)
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -84,10 +82,6 @@ VARIANTS = {
     "clean_half": ("objective=electra", {"discriminator_clean_fraction": 0.5}),
     # One modality corrupted per example, the other an intact witness (docs/method.md §9).
     "witness": ("objective=electra", {"discriminator_witness_fraction": 1.0}),
-    # ITM from the clean pairs only: a matched pair with a replaced word or region
-    # contradicts itself (docs/findings.md, 2026-12-03 afternoon).
-    "clean_half_itm": ("objective=electra", {"discriminator_clean_fraction": 0.5,
-                                             "itm_examples": "uncorrupted"}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),

@@ -140,11 +140,6 @@ def get_config(arg=None):
   # the baseline's MLM/MOC, whose region half never learns on a corrupted pair
   # (docs/findings.md, 2026-12-03). 0: every example corrupted.
   c.discriminator_clean_fraction = 0.0
-  # Which examples ITM learns from: "all", or "uncorrupted" (only the clean examples
-  # above, which need discriminator_clean_fraction > 0). In a matched pair with a word or
-  # region replaced, caption and image contradict each other, so ITM on it learns to pass
-  # contradictions and judges little more than the object count (docs/findings.md).
-  c.itm_examples = "all"
   # Share of the examples in which only one modality is corrupted: the other (the words in
   # half of them, the regions in the other half) reads unmasked, an intact witness, so a
   # replaced word can be told from the image it contradicts and a replaced region from

@@ -155,7 +155,6 @@ PRETRAIN_RULES = _SHARED_RULES + (
     ("mask_count", *_one_of("ceil", "stochastic")),
     ("text_mask_weighting", *_one_of("uniform", "salience")),
     ("itm_input", *_one_of("corrupted", "masked")),
-    ("itm_examples", *_one_of("all", "uncorrupted")),
     *_keys(_count(0), "discriminator_mask_decay_steps", "discriminator_mask_hold_steps",
            "model.r_layers", "data.num_workers", "eval.retrieval_pool"),
     *_keys(_count(1), "grad_accum_steps", "model.hidden_size", "model.num_heads", "model.mlp_dim",

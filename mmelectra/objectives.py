@@ -77,10 +77,6 @@ class ObjectiveConfig:
   # (`electra.witness_rows`). Its slots leave the corrective LM/MOC (nothing to correct)
   # and stay in RTD/R2D as originals. Not scheduled.
   discriminator_witness_fraction: float = 0.0
-  # Which examples ITM learns from: "all", or "uncorrupted": only those in which nothing is
-  # replaced (the `discriminator_clean_fraction` rows). A replaced word or region makes a
-  # matched pair contradict itself, so ITM on it learns to overlook contradictions.
-  itm_examples: str = "all"
 
   @property
   def weights(self) -> dict[str, float]:
@@ -127,18 +123,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       generator_trains_embeddings=bool(config.generator_trains_embeddings),
       discriminator_clean_fraction=float(config.discriminator_clean_fraction),
       discriminator_witness_fraction=float(config.discriminator_witness_fraction),
-      itm_examples=_itm_examples(config),
   )
-
-
-def _itm_examples(config) -> str:
-  itm_examples = _choice(config, "itm_examples", ("all", "uncorrupted"))
-  if (itm_examples == "uncorrupted" and config.objective == "electra"
-      and not config.discriminator_clean_fraction > 0):
-    raise errors.InvalidInput("config.itm_examples='uncorrupted' needs "
-                              "config.discriminator_clean_fraction > 0: only those examples are "
-                              "read with nothing replaced")
-  return itm_examples
 
 
 def _choice(config, key: str, choices: tuple[str, ...]) -> str:
@@ -217,13 +202,11 @@ def _mlm_terms(mlm_logits, x: _Inputs, loss_weight: Array):
   return mlm, acc
 
 
-def _itm_terms(itm_logits, x: _Inputs, weight: Array | None = None):
-  """L5 and itm_acc over the real examples (times `weight` `[B]`, if given); label 1 for
-  a matched pair."""
+def _itm_terms(itm_logits, x: _Inputs):
+  """L5 and itm_acc over the real examples; label 1 for a matched pair."""
   labels = x.matched.astype(jnp.int32)
-  weight = x.example if weight is None else x.example * weight
-  itm = metrics_lib.cross_entropy(itm_logits, labels, weight)
-  return itm, metrics_lib.accuracy_sums(electra.argmax(itm_logits), labels, weight)
+  itm = metrics_lib.cross_entropy(itm_logits, labels, x.example)
+  return itm, metrics_lib.accuracy_sums(electra.argmax(itm_logits), labels, x.example)
 
 
 # The parameters the generator shares with the discriminator (the word table with its
@@ -324,7 +307,6 @@ class _Corruption(NamedTuple):
   kept_regions: Array | None  # [B, Mr] masked regions read as all-zero (not replaced)
   witness_text: Array | None = None  # [B] examples whose masked words read as the originals
   witness_regions: Array | None = None  # [B] examples whose masked regions read as the originals
-  clean: Array | None = None  # [B] examples read with every masked slot masked, none replaced
 
 
 def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_out, moc_scores,
@@ -383,7 +365,7 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
   return _Corruption(
       corrupted_ids, electra.scatter(x.feats, x.region_positions, replacement, x.region_weights),
       electra.scatter(embeds, x.region_positions, replacement_embeds, x.region_weights),
-      kept_masked, kept_regions, witness_text, witness_regions, clean)
+      kept_masked, kept_regions, witness_text, witness_regions)
 
 
 def _discriminator_weights(x, pair_w: Array, c: _Corruption,
@@ -488,8 +470,7 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   text_w, region_w = _discriminator_weights(x, pair_w, c, words_only=model.cfg.rtd_reads_clm)
   rtd = metrics_lib.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = metrics_lib.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
-  itm_w = c.clean if ocfg.itm_examples == "uncorrupted" else None
-  itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else discriminated["itm"], x, itm_w)
+  itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else discriminated["itm"], x)
 
   losses = {"moc": moc, "mlm": mlm, "r2d": r2d, "rtd": rtd, "itm": itm}
   # A witness's slots read as the originals: nothing for the corrective LM/MOC to correct.

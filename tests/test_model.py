@@ -286,44 +286,6 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair():
   assert float(every["cmoc_loss"][1]) == float(none["cmoc_loss"][1]) > 0
 
 
-def test_itm_on_uncorrupted_examples_counts_exactly_the_clean_ones():
-  config = micro_config(discriminator_clean_fraction=0.5)
-  setup = setup_lib.build(config, SPECIAL_IDS)
-  params = setup_lib.init_state(setup, 0)["params"]
-  batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
-  rng = jax.random.key(0)
-
-  def sums_with(itm_examples):
-    ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__, "itm_examples": itm_examples})
-    return objectives.compute_losses(setup.model, params, batch, rng, ocfg, True)[1]
-
-  every, uncorrupted = sums_with("all"), sums_with("uncorrupted")
-  assert float(every["itm_acc"][1]) == 32
-  # The clean rows of this step, drawn from the same keys as `electra_losses` draws them.
-  rng_prep, _, _, rng_text, rng_region = jax.random.split(rng, 5)
-  x = objectives._prepare(batch, rng_prep, setup.ocfg)
-  embeds, masked = objectives._region_embeddings(setup.model, params, x)
-  generated = setup.model.apply(
-      {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
-      x.text_positions, x.region_positions, True, False, region_embeds=masked,
-      method=setup.model.generate)
-  scores = objectives._moc_terms(generated[1], embeds, x, x.region_weights, setup.ocfg)[2]
-  c = objectives._corrupt(setup.model, params, x, rng_text, rng_region, generated[0],
-                          generated[1], scores, embeds, masked, setup.ocfg, None)
-  clean = np.asarray(c.clean)
-  assert 0 < clean.sum() < 32
-  assert float(uncorrupted["itm_acc"][1]) == clean.sum()
-  # Those rows read their masked words as [MASK] (none replaced); the other heads see the
-  # same step either way.
-  np.testing.assert_array_equal(np.asarray(c.ids)[clean], np.asarray(x.masked_ids)[clean])
-  for name in ("rtd_loss", "r2d_loss", "clm_loss"):
-    np.testing.assert_allclose(np.asarray(uncorrupted[name]), np.asarray(every[name]))
-
-  with pytest.raises(errors.InvalidInput, match="itm_examples='uncorrupted' needs"):
-    objectives.objective_config_from(
-        micro_config(itm_examples="uncorrupted"), SPECIAL_IDS)
-
-
 def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads():
   config = micro_config(discriminator_region_mask_fraction=0.0,
                         **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
