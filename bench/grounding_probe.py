@@ -10,6 +10,10 @@ Prints, for the latest checkpoint of a run trained on `synthetic_scenes`:
   pairs (no masking), negatives = captions of other images, split by whether the other
   image has as many objects. High diff-count but chance same-count accuracy means the head
   counts objects rather than matching attributes.
+- `itm_pair_acc_same_count` / `_diff_count`: the same negatives without a threshold: how
+  often the head scores an image's own caption above the other caption (0.5: no
+  preference). A head that ranks well but is calibrated for masked input (the `mlm`
+  baseline's says "no" to every clean pair) shows here and not in the accuracies above.
 - `colour_mlm_acc_true` / `_other`: one colour word per caption set to [MASK]; accuracy of
   the MLM head (the generator's for `electra`) with the true image vs another image.
   Chance is 1/6; equal values mean colour is not read off the image.
@@ -90,15 +94,21 @@ def main(argv):
          "pooled_text_swap": float(np.abs(np.asarray(pooled(other, same)) - base).mean())}
 
   count = b["region_mask"].sum(1)
-  res["itm_pos_acc"] = float((itm_margin(same, same) > 0).mean())
-  neg, same_count = [], []
+  pos_margin = itm_margin(same, same)
+  res["itm_pos_acc"] = float((pos_margin > 0).mean())
+  neg, below_own, same_count = [], [], []
   for shift in range(1, 6):
     texts = np.roll(np.arange(n), shift)
-    neg.append(itm_margin(texts, same) < 0)
+    margin = itm_margin(texts, same)
+    neg.append(margin < 0)
+    below_own.append((margin < pos_margin) + 0.5 * (margin == pos_margin))
     same_count.append(count[texts] == count)
-  neg, same_count = np.concatenate(neg), np.concatenate(same_count)
+  neg, below_own = np.concatenate(neg), np.concatenate(below_own)
+  same_count = np.concatenate(same_count)
   res["itm_neg_acc_same_count"] = float(neg[same_count].mean())
   res["itm_neg_acc_diff_count"] = float(neg[~same_count].mean())
+  res["itm_pair_acc_same_count"] = float(below_own[same_count].mean())
+  res["itm_pair_acc_diff_count"] = float(below_own[~same_count].mean())
 
   tok = data.tokenizer
   colour_ids = [tok.token_to_id(c) for c in synthetic_scenes.COLOURS]
