@@ -28,6 +28,8 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
   no_region_keep  electra replacing every masked region (discriminator_region_mask_fraction=0)
   clean_half    electra reading half the examples as the baseline's clean masked pair
                 (discriminator_clean_fraction=0.5)
+  clean_half_uniform  clean_half with the clean half's words masked uniformly
+                (discriminator_clean_uniform_masking=True)
   witness       electra corrupting one modality per example and reading the other
                 unmasked (discriminator_witness_fraction=1.0)
 
@@ -80,6 +82,10 @@ VARIANTS = {
     "no_region_keep": ("objective=electra", {"discriminator_region_mask_fraction": 0.0}),
     # Half the pairs clean, for the corrective MOC's sake (docs/findings.md, 2026-12-03).
     "clean_half": ("objective=electra", {"discriminator_clean_fraction": 0.5}),
+    # The same with the clean half's words masked uniformly, as the baseline's are
+    # (docs/findings.md, 2026-12-03 (evening)).
+    "clean_half_uniform": ("objective=electra", {"discriminator_clean_fraction": 0.5,
+                                                 "discriminator_clean_uniform_masking": True}),
     # One modality corrupted per example, the other an intact witness (docs/method.md §9).
     "witness": ("objective=electra", {"discriminator_witness_fraction": 1.0}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its

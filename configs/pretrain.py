@@ -140,6 +140,10 @@ def get_config(arg=None):
   # the baseline's MLM/MOC, whose region half never learns on a corrupted pair
   # (docs/findings.md, 2026-12-03). 0: every example corrupted.
   c.discriminator_clean_fraction = 0.0
+  # True: those clean examples' words are masked uniformly (the baseline's masking) even
+  # under text_mask_weighting="salience", so a clean pair keeps the words that point at
+  # the region a masked slot belongs to (docs/findings.md, 2026-12-03 (evening)).
+  c.discriminator_clean_uniform_masking = False
   # Share of the examples in which only one modality is corrupted: the other (the words in
   # half of them, the regions in the other half) reads unmasked, an intact witness, so a
   # replaced word can be told from the image it contradicts and a replaced region from

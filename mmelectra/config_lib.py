@@ -173,6 +173,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
     *_keys(_POSITIVE, "model.layer_norm_eps", "text_mask_salience_floor"),
     ("model.rtd_reads_clm", *_one_of(True, False)),
     ("generator_trains_embeddings", *_one_of(True, False)),
+    ("discriminator_clean_uniform_masking", *_one_of(True, False)),
     ("model.dtype", *_one_of("float32", "bfloat16")),
     ("model.generator", *_one_of("per_modality", "crossmodal", "tied")),
     ("model.generator_width_ratio", *_number(0, 1, lo_open=True)),

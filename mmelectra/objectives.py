@@ -72,6 +72,10 @@ class ObjectiveConfig:
   # them the corrective LM/MOC are the baseline's MLM/MOC, which a pair with replaced
   # words and regions does not teach (docs/findings.md, 2026-12-03). Not scheduled.
   discriminator_clean_fraction: float = 0.0
+  # True: the clean examples' words are masked uniformly (BERT's, the baseline's) whatever
+  # `text_mask_log_weights` says, so a clean pair keeps some of the words that name the
+  # region a masked word or region belongs to (docs/findings.md, 2026-12-03 (evening)).
+  discriminator_clean_uniform_masking: bool = False
   # Share of the examples in which only one modality is corrupted and the other (half the
   # time the words, half the regions) is read unmasked, an intact witness
   # (`electra.witness_rows`). Its slots leave the corrective LM/MOC (nothing to correct)
@@ -122,6 +126,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       text_mask_log_weights=log_weights,
       generator_trains_embeddings=bool(config.generator_trains_embeddings),
       discriminator_clean_fraction=float(config.discriminator_clean_fraction),
+      discriminator_clean_uniform_masking=bool(config.discriminator_clean_uniform_masking),
       discriminator_witness_fraction=float(config.discriminator_witness_fraction),
   )
 
@@ -160,6 +165,7 @@ class _Inputs:
   region_weights: Array
   example: Array  # [B] float, 1 for real examples
   matched: Array  # [B] float, 1 for matched (positive) pairs
+  clean: Array | None = None  # [B] bool, the discriminator_clean_fraction rows (or None)
 
 
 def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _Inputs:
@@ -173,9 +179,16 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _
   text_ids = collectives.take_rows(batch["text_ids"], source)
   text_mask = collectives.take_rows(batch["text_mask"], source).astype(bool)
   maskable = text_mask & ~jnp.isin(text_ids, jnp.asarray(ocfg.special_ids))
-  log_weights = None
+  log_weights = clean = None
   if ocfg.text_mask_log_weights is not None:
     log_weights = jnp.asarray(ocfg.text_mask_log_weights, jnp.float32)[text_ids]
+  if ocfg.objective == "electra" and ocfg.discriminator_clean_fraction > 0:
+    # Drawn here, as the clean rows may be masked their own way; a stream of its own
+    # (fold_in) so runs without them keep theirs.
+    clean = electra.clean_rows(jax.random.fold_in(rng, 1), batch_size,
+                               ocfg.discriminator_clean_fraction)
+    if ocfg.discriminator_clean_uniform_masking and log_weights is not None:
+      log_weights = jnp.where(clean[:, None], 0.0, log_weights)
   t_pos, t_w = electra.choose_mask_positions(rng_text, maskable, ocfg.text_mask_rate,
                                              ocfg.max_text_masked, ocfg.mask_count, log_weights)
   region_mask = batch["region_mask"].astype(bool)
@@ -191,7 +204,7 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _
       text_positions=t_pos, text_weights=t_w,
       feats=feats, boxes=batch["region_boxes"], region_mask=region_mask, region_labels=labels,
       region_positions=r_pos, region_weights=r_w,
-      example=example_mask.astype(jnp.float32), matched=matched)
+      example=example_mask.astype(jnp.float32), matched=matched, clean=clean)
 
 
 def _mlm_terms(mlm_logits, x: _Inputs, loss_weight: Array):
@@ -317,7 +330,7 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
   masked slot of a `discriminator_clean_fraction` of the examples; in a
   `discriminator_witness_fraction` of them one modality's masked slots read as the
   originals (which overrides both)."""
-  kept_masked = kept_regions = clean = witness_text = witness_regions = None
+  kept_masked = kept_regions = witness_text = witness_regions = None
   if ocfg.discriminator_witness_fraction > 0:  # split only here, as `keep` below
     rng_text, rng_witness = jax.random.split(rng_text)
     witness_text, witness_regions = electra.witness_rows(
@@ -327,9 +340,7 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
   if keep:  # split only here, so runs without it keep their random streams
     rng_text, rng_keep = jax.random.split(rng_text)
     rng_region, rng_keep_region = jax.random.split(rng_region)
-  if ocfg.discriminator_clean_fraction > 0:
-    rng_keep, rng_clean = jax.random.split(rng_keep)
-    clean = electra.clean_rows(rng_clean, x.text_ids.shape[0], ocfg.discriminator_clean_fraction)
+  clean = x.clean
   sampled_tokens = electra.gumbel_argmax(rng_text, mlm_logits, ocfg.text_temperature)
   if keep:
     sampled_tokens, kept_masked = electra.keep_masked(

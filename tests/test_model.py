@@ -286,6 +286,36 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair():
   assert float(every["cmoc_loss"][1]) == float(none["cmoc_loss"][1]) > 0
 
 
+def test_clean_rows_can_be_masked_uniformly_under_salience_weights():
+  config = micro_config()
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=64))
+  ids = np.asarray(batch["text_ids"])
+  words = ids[~np.isin(ids, list(SPECIAL_IDS.values())) & np.asarray(batch["text_mask"], bool)]
+  favourite = int(np.bincount(words).argmax())
+  log_weights = np.zeros(config.model.vocab_size)
+  log_weights[favourite] = 50.0  # salience that always masks it where it is
+
+  def prepare(fraction, uniform):
+    ocfg = objectives.ObjectiveConfig(**{
+        **setup.ocfg.__dict__, "objective": "electra", "text_mask_log_weights": tuple(log_weights),
+        "discriminator_clean_fraction": fraction, "discriminator_clean_uniform_masking": uniform})
+    x = objectives._prepare(batch, jax.random.key(3), ocfg)
+    first = np.take_along_axis(np.asarray(x.text_ids), np.asarray(x.text_positions)[:, :1], 1)[:, 0]
+    holds = (np.asarray(x.text_ids) == favourite).any(axis=1)
+    clean = np.zeros(ids.shape[0], bool) if x.clean is None else np.asarray(x.clean)
+    return first == favourite, holds, clean
+
+  hit, holds, clean = prepare(0.0, True)
+  assert not clean.any() and hit[holds].all()  # no clean rows: the weights decide
+  hit, holds, clean = prepare(0.5, False)
+  assert clean.any() and hit[holds].all()  # clean rows, masked by the same weights
+  hit, holds, clean = prepare(0.5, True)
+  assert clean.any() and (~clean).any()
+  assert hit[holds & ~clean].all()  # the corrupted rows keep the weights
+  assert not hit[holds & clean].all()  # the clean rows are masked uniformly
+
+
 def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads():
   config = micro_config(discriminator_region_mask_fraction=0.0,
                         **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
