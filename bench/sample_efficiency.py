@@ -30,6 +30,7 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
                 (discriminator_clean_fraction=0.5)
   clean_half_uniform  clean_half with the clean half's words masked uniformly
                 (discriminator_clean_uniform_masking=True)
+  clean_half_uniform_detached  clean_half_uniform with generator_trains_embeddings=False
   witness       electra corrupting one modality per example and reading the other
                 unmasked (discriminator_witness_fraction=1.0)
 
@@ -86,6 +87,11 @@ VARIANTS = {
     # (docs/findings.md, 2026-12-03 (evening)).
     "clean_half_uniform": ("objective=electra", {"discriminator_clean_fraction": 0.5,
                                                  "discriminator_clean_uniform_masking": True}),
+    # And the generator off the shared embeddings, whose chance-level MOC otherwise trains
+    # the region projection the corrective MOC reads (docs/findings.md, 2026-12-03 (evening)).
+    "clean_half_uniform_detached": ("objective=electra", {
+        "discriminator_clean_fraction": 0.5, "discriminator_clean_uniform_masking": True,
+        "generator_trains_embeddings": False}),
     # One modality corrupted per example, the other an intact witness (docs/method.md §9).
     "witness": ("objective=electra", {"discriminator_witness_fraction": 1.0}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
