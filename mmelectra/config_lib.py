@@ -238,4 +238,7 @@ def _relations(config) -> list[str]:
       data.max_text_len > config.model.max_position:
     problems.append(f"config.data.max_text_len={data.max_text_len} exceeds "
                     f"config.model.max_position={config.model.max_position}")
+  if config.get("discriminator_clean_uniform_masking") and not config.discriminator_clean_fraction:
+    problems.append("config.discriminator_clean_uniform_masking=True masks the clean examples' "
+                    "words, but config.discriminator_clean_fraction=0 makes none")
   return problems
