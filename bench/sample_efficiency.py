@@ -33,6 +33,9 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
   clean_half_uniform_detached  clean_half_uniform with generator_trains_embeddings=False
   witness       electra corrupting one modality per example and reading the other
                 unmasked (discriminator_witness_fraction=1.0)
+  warm_start    electra that reads every masked slot masked (the baseline's task) for the
+                first 450 steps, then hands over to replaced slots by step 900
+                (discriminator_mask_fraction = region share = 1, hold 450, decay 450)
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -94,6 +97,13 @@ VARIANTS = {
         "generator_trains_embeddings": False}),
     # One modality corrupted per example, the other an intact witness (docs/method.md §9).
     "witness": ("objective=electra", {"discriminator_witness_fraction": 1.0}),
+    # The baseline's task first (every masked word [MASK], every masked region zeroed, the
+    # corrective LM/MOC then being its MLM/MOC), handed over linearly to the corrupted
+    # pair between steps 450 and 900 (of ~1786 at 140 TFLOPs); both shares end at 0
+    # (docs/findings.md, 2026-12-04).
+    "warm_start": ("objective=electra", {
+        "discriminator_mask_fraction": 1.0, "discriminator_region_mask_fraction": 1.0,
+        "discriminator_mask_hold_steps": 450, "discriminator_mask_decay_steps": 450}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),
