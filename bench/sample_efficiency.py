@@ -36,6 +36,9 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
   warm_start    electra that reads every masked slot masked (the baseline's task) for the
                 first 450 steps, then hands over to replaced slots by step 900
                 (discriminator_mask_fraction = region share = 1, hold 450, decay 450)
+  warm_start_clean  the same hand-over by whole examples, the held phase masked as the
+                baseline masks (discriminator_clean_fraction=1 with uniform masking,
+                hold 450, decay 450)
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -103,6 +106,12 @@ VARIANTS = {
     # (docs/findings.md, 2026-12-04).
     "warm_start": ("objective=electra", {
         "discriminator_mask_fraction": 1.0, "discriminator_region_mask_fraction": 1.0,
+        "discriminator_mask_hold_steps": 450, "discriminator_mask_decay_steps": 450}),
+    # The same by whole examples (every pair clean, then fewer), the clean pairs' words
+    # masked uniformly: the held phase is the baseline's own task, masking included
+    # (salience masking costs the baseline its MOC; docs/findings.md, 2026-12-04).
+    "warm_start_clean": ("objective=electra", {
+        "discriminator_clean_fraction": 1.0, "discriminator_clean_uniform_masking": True,
         "discriminator_mask_hold_steps": 450, "discriminator_mask_decay_steps": 450}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.

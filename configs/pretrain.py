@@ -136,9 +136,9 @@ def get_config(arg=None):
   c.discriminator_mask_decay_steps = 0
   c.discriminator_mask_hold_steps = 0
   # Share of the examples read as the baseline's clean masked pair (no slot replaced, every
-  # masked word [MASK] and region zeroed; not scheduled): there the corrective LM/MOC are
-  # the baseline's MLM/MOC, whose region half never learns on a corrupted pair
-  # (docs/findings.md, 2026-12-03). 0: every example corrupted.
+  # masked word [MASK] and region zeroed; on the schedule above when decay_steps > 0):
+  # there the corrective LM/MOC are the baseline's MLM/MOC, whose region half never learns
+  # on a corrupted pair (docs/findings.md, 2026-12-03). 0: every example corrupted.
   c.discriminator_clean_fraction = 0.0
   # True: those clean examples' words are masked uniformly (the baseline's masking) even
   # under text_mask_weighting="salience", so a clean pair keeps the words that point at

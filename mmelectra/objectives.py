@@ -50,8 +50,9 @@ class ObjectiveConfig:
   # Share of the masked words (and, separately, regions) that the discriminator reads
   # masked, as the baseline's encoder does ([MASK], an all-zero region), instead of the
   # generator's sample (docs/method.md §9); they leave RTD/R2D and count in the corrective
-  # LM/MOC. With `discriminator_mask_decay_steps` > 0 both shares hold for
-  # `discriminator_mask_hold_steps`, then fall linearly to 0 over the decay steps.
+  # LM/MOC. With `discriminator_mask_decay_steps` > 0 both shares (and
+  # `discriminator_clean_fraction`) hold for `discriminator_mask_hold_steps`, then fall
+  # linearly to 0 over the decay steps.
   discriminator_mask_fraction: float
   discriminator_region_mask_fraction: float
   discriminator_mask_decay_steps: int
@@ -70,7 +71,8 @@ class ObjectiveConfig:
   # Share of the examples the discriminator reads as the baseline's clean masked pair
   # (every masked word `[MASK]`, every masked region zeroed; `electra.clean_rows`): on
   # them the corrective LM/MOC are the baseline's MLM/MOC, which a pair with replaced
-  # words and regions does not teach (docs/findings.md, 2026-12-03). Not scheduled.
+  # words and regions does not teach (docs/findings.md, 2026-12-03). With
+  # `discriminator_mask_decay_steps` > 0 it follows the same hold-then-decay schedule.
   discriminator_clean_fraction: float = 0.0
   # True: the clean examples' words are masked uniformly (BERT's, the baseline's) whatever
   # `text_mask_log_weights` says, so a clean pair keeps some of the words that name the
@@ -168,7 +170,7 @@ class _Inputs:
   clean: Array | None = None  # [B] bool, the discriminator_clean_fraction rows (or None)
 
 
-def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _Inputs:
+def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig, step=None) -> _Inputs:
   rng_itm, rng_text, rng_region = jax.random.split(rng, 3)
   example_mask = batch.get("example_mask")
   if example_mask is None:
@@ -185,8 +187,8 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig) -> _
   if ocfg.objective == "electra" and ocfg.discriminator_clean_fraction > 0:
     # Drawn here, as the clean rows may be masked their own way; a stream of its own
     # (fold_in) so runs without them keep theirs.
-    clean = electra.clean_rows(jax.random.fold_in(rng, 1), batch_size,
-                               ocfg.discriminator_clean_fraction)
+    clean = electra.clean_rows(jax.random.fold_in(rng, 1), batch_size, discriminator_mask_fraction(
+        ocfg, step, ocfg.discriminator_clean_fraction))
     if ocfg.discriminator_clean_uniform_masking and log_weights is not None:
       log_weights = jnp.where(clean[:, None], 0.0, log_weights)
   t_pos, t_w = electra.choose_mask_positions(rng_text, maskable, ocfg.text_mask_rate,
@@ -298,8 +300,9 @@ def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveCo
 
 
 def discriminator_mask_fraction(ocfg: ObjectiveConfig, step, start: float | None = None) -> Array | float:
-  """The share of masked words (or, given its `start`, regions) the discriminator reads
-  masked at `step` (None: the end of the schedule, as evaluation uses)."""
+  """The share of masked words (or, given its `start`, of masked regions or of clean
+  examples) the discriminator reads masked at `step` (None: the end of the schedule, as
+  evaluation uses)."""
   start = ocfg.discriminator_mask_fraction if start is None else start
   decay = ocfg.discriminator_mask_decay_steps
   if decay <= 0:
@@ -444,7 +447,7 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   """The five losses (and the optional grounding signals) of one batch: mask, generate,
   corrupt, discriminate, score."""
   rng_prep, rng_gen, rng_disc, rng_text, rng_region = jax.random.split(rng, 5)
-  x = _prepare(batch, rng_prep, ocfg)
+  x = _prepare(batch, rng_prep, ocfg, step)
   # L1-L4 count matched pairs only (LXMERT); padding examples count nowhere.
   pair_w = x.example * x.matched
   text_loss_w = x.text_weights * pair_w[:, None]

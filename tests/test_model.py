@@ -284,6 +284,14 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair():
   assert float(every["r2d_loss"][1]) < float(none["r2d_loss"][1])
   assert float(every["clm_loss"][1]) == float(none["clm_loss"][1]) > 0
   assert float(every["cmoc_loss"][1]) == float(none["cmoc_loss"][1]) > 0
+  # On a schedule the clean share holds, then hands over to corrupted pairs.
+  held = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__, "discriminator_clean_fraction": 1.0,
+                                       "discriminator_mask_hold_steps": 40,
+                                       "discriminator_mask_decay_steps": 20})
+  at = {step: objectives.compute_losses(setup.model, params, batch, jax.random.key(0), held,
+                                        True, step=jnp.asarray(step))[1] for step in (40, 60)}
+  assert float(at[40]["text_replaced_frac"][1]) == float(at[40]["region_replaced_frac"][1]) == 0
+  assert float(at[60]["text_replaced_frac"][1]) > 0 and float(at[60]["region_replaced_frac"][1]) > 0
 
 
 def test_clean_rows_can_be_masked_uniformly_under_salience_weights():
