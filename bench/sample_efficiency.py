@@ -39,6 +39,8 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
   warm_start_clean  the same hand-over by whole examples, the held phase masked as the
                 baseline masks (discriminator_clean_fraction=1 with uniform masking,
                 hold 450, decay 450)
+  warm_start_clean_long  the same with the held phase twice as long (hold 900, decay 450):
+                does the hand-over to ELECTRA add to the baseline's task or cost it?
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -113,6 +115,11 @@ VARIANTS = {
     "warm_start_clean": ("objective=electra", {
         "discriminator_clean_fraction": 1.0, "discriminator_clean_uniform_masking": True,
         "discriminator_mask_hold_steps": 450, "discriminator_mask_decay_steps": 450}),
+    # Twice the held phase: if VQA rises towards `mlm`'s, the ELECTRA phase costs more than
+    # it adds at this budget; if it falls, the hand-over is what earns the FLOPs.
+    "warm_start_clean_long": ("objective=electra", {
+        "discriminator_clean_fraction": 1.0, "discriminator_clean_uniform_masking": True,
+        "discriminator_mask_hold_steps": 900, "discriminator_mask_decay_steps": 450}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),
