@@ -553,7 +553,7 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
     return ">1.0" if r[0] is None else (f"<={r[0]:.3f}" if r[1] else f"{r[0]:.3f}")
   names = (("r1", "retrieval_r1"), ("itm", "itm_acc"), ("vqa", "vqa_acc"))
   fields = [f"{variant}_flops_to_mlm_{name}={short(ratios.get((variant, key)))}"
-            for variant in ("electra", "electra_tied", "warm_start_clean")
+            for variant in ("electra", "electra_tied", "warm_start_clean", "warm_start_clean_long")
             if variant == "electra" or variant in data
             for name, key in names]
   print("RESULT " + " ".join(fields))
