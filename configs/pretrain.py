@@ -131,19 +131,27 @@ def get_config(arg=None):
   # hold for hold_steps, then fall linearly to 0 over decay_steps.
   c.discriminator_mask_fraction = 0.0
   # The per-modality default reads half of the masked regions masked: R2D keeps the other
-  # half to find, and the words keep more of the image to read (docs/findings.md).
+  # half to find, and the words keep more of the image to read (docs/findings.md). Under
+  # the default's hold (below) it falls to 0 with the clean share, as the study measured it.
   c.discriminator_region_mask_fraction = 0.5 if per_modality else 0.0
-  c.discriminator_mask_decay_steps = 0
-  c.discriminator_mask_hold_steps = 0
   # Share of the examples read as the baseline's clean masked pair (no slot replaced, every
-  # masked word [MASK] and region zeroed; on the schedule above when decay_steps > 0):
+  # masked word [MASK] and region zeroed; on the schedule below when decay_steps > 0):
   # there the corrective LM/MOC are the baseline's MLM/MOC, whose region half never learns
   # on a corrupted pair (docs/findings.md, 2026-12-03). 0: every example corrupted.
-  c.discriminator_clean_fraction = 0.0
-  # True: those clean examples' words are masked uniformly (the baseline's masking) even
-  # under text_mask_weighting="salience", so a clean pair keeps the words that point at
-  # the region a masked slot belongs to (docs/findings.md, 2026-12-03 (evening)).
-  c.discriminator_clean_uniform_masking = False
+  # True (uniform masking): those clean examples' words are masked uniformly (the
+  # baseline's masking) even under text_mask_weighting="salience", so a clean pair keeps
+  # the words that point at the region a masked slot belongs to (docs/findings.md,
+  # 2026-12-03 (evening)).
+  # The per-modality default begins on the baseline's own task, every pair clean and
+  # masked its way, for the first half of the run, then hands over linearly to ELECTRA's
+  # corrupted pairs by three quarters (docs/method.md §9): from random initialisation the
+  # corrupted pair does not ground the encoder, the baseline's task does, and the
+  # grounding survives the hand-over (docs/findings.md, 2026-12-04). The hold and decay
+  # follow total_steps (set it, or a preset, and they move with it); a number overrides.
+  c.discriminator_clean_fraction = 1.0 if per_modality else 0.0
+  c.discriminator_clean_uniform_masking = per_modality
+  c.discriminator_mask_hold_steps = c.get_ref("total_steps") // 2 if per_modality else 0
+  c.discriminator_mask_decay_steps = c.get_ref("total_steps") // 4 if per_modality else 0
   # Share of the examples in which only one modality is corrupted: the other (the words in
   # half of them, the regions in the other half) reads unmasked, an intact witness, so a
   # replaced word can be told from the image it contradicts and a replaced region from

@@ -52,6 +52,9 @@ def upgrade(raw: dict) -> dict:
     LM and MOC, contrastive alignment; today's per-modality default turns some on).
   - Before `generator_trains_embeddings` the generator always trained the shared
     embeddings (ELECTRA's sharing): an older run keeps True.
+  - Before the clean share and its schedule every example was corrupted from the first
+    step: an older run keeps no clean examples and no hold (today's per-modality default
+    holds the baseline's task for half the run).
   """
   model = raw.get("model", {})
   if "generator" not in model:
@@ -62,6 +65,10 @@ def upgrade(raw: dict) -> dict:
     raw.setdefault("loss_weights", {}).setdefault(name, 0.0)
   model.setdefault("rtd_reads_clm", False)
   raw.setdefault("generator_trains_embeddings", True)
+  for name, value in (("discriminator_clean_fraction", 0.0), ("discriminator_mask_hold_steps", 0),
+                      ("discriminator_mask_decay_steps", 0),
+                      ("discriminator_clean_uniform_masking", False)):
+    raw.setdefault(name, value)
   return raw
 
 

@@ -207,6 +207,28 @@ def test_generator_argument_selects_the_variant_and_rejects_others():
     pretrain.get_config("objective=mlm,generator=tied")
 
 
+def test_default_hold_and_hand_over_follow_the_run_length():
+  from configs import pretrain
+  schedule = lambda c: (c.discriminator_clean_fraction, c.discriminator_clean_uniform_masking,
+                        c.discriminator_mask_hold_steps, c.discriminator_mask_decay_steps)
+  # The per-modality default: the baseline's task for half the run, handed over by 3/4.
+  assert schedule(pretrain.get_config("size=tiny")) == (1.0, True, 10_000, 5_000)
+  assert schedule(pretrain.get_config("size=tiny,runlocal")) == (1.0, True, 1000, 500)
+  c = pretrain.get_config("size=tiny")
+  c.total_steps = 1786
+  assert schedule(c)[2:] == (893, 446)
+  # From the command line, in either order; a number given for the hold wins.
+  from conftest import ROOT
+  cli = _parse_cli_config(["x", f"--config={ROOT}/configs/pretrain.py:size=tiny,runlocal",
+                           "--config.discriminator_mask_hold_steps=7", "--config.total_steps=300"])
+  assert schedule(cli)[2:] == (7, 75)
+  assert schedule(_parse_cli_config(["x", f"--config={ROOT}/configs/pretrain.py:size=tiny",
+                                     "--config.total_steps=300"]))[2:] == (150, 75)
+  # The other generators and the baseline have no clean share.
+  for arg in ("generator=tied", "generator=crossmodal", "objective=mlm"):
+    assert schedule(pretrain.get_config(arg)) == (0.0, False, 0, 0), arg
+
+
 def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_path):
   import json
   from configs import pretrain
@@ -215,6 +237,9 @@ def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_p
     raw["logical_axis_rules"] = [list(r) for r in raw["logical_axis_rules"]]
     del raw["model"]["generator"], raw["loss_weights"]["clm"], raw["loss_weights"]["cmoc"]
     del raw["text_mask_weighting"], raw["model"]["rtd_reads_clm"], raw["generator_trains_embeddings"]
+    for name in ("discriminator_clean_fraction", "discriminator_clean_uniform_masking",
+                 "discriminator_mask_hold_steps", "discriminator_mask_decay_steps"):
+      del raw[name]
     raw["model"]["generator_tied"] = tied
     (tmp_path / "config.json").write_text(json.dumps(raw))
     loaded = workdir_lib.load_config(str(tmp_path))
@@ -223,6 +248,10 @@ def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_p
     # Nor did its time mask by salience, keep regions masked or let RTD read a CLM.
     assert (loaded.text_mask_weighting, loaded.model.rtd_reads_clm) == ("uniform", False)
     assert loaded.generator_trains_embeddings is True  # ELECTRA's sharing, all it had
+    # Nor did it begin on clean pairs: every example corrupted from the first step.
+    assert (loaded.discriminator_clean_fraction, loaded.discriminator_mask_hold_steps,
+            loaded.discriminator_mask_decay_steps, loaded.discriminator_clean_uniform_masking) == (
+                0.0, 0, 0, False)
 
 
 def test_unknown_config_key_is_an_error_naming_it():

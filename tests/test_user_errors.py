@@ -100,7 +100,7 @@ def test_validate_accepts_every_preset_and_names_every_bad_key():
   c.model.update(generator="tied", dropout_rate=0.1)
   with pytest.raises(errors.InvalidInput, match="discriminator_clean_fraction=0 makes none"):
     config_lib.validate(ml_collections.ConfigDict({
-        **pretrain.get_config("runlocal").to_dict(), "discriminator_clean_uniform_masking": True}))
+        **pretrain.get_config("runlocal").to_dict(), "discriminator_clean_fraction": 0.0}))
   with pytest.raises(errors.InvalidInput, match="at most one axis may be -1"):
     config_lib.validate(c)
   c.mesh.update(fsdp=1)
