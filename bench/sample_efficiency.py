@@ -68,6 +68,7 @@ import platform
 import shutil
 import sys
 import time
+from mmelectra import config_lib
 from mmelectra import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,8 +77,7 @@ sys.path.insert(0, ROOT)
 # The per-modality default before 2026-12-04: every example corrupted from the first step
 # (no clean hold). The variants measured against that default keep it, so each still
 # trains what its lines in the results record.
-NO_HOLD = {"discriminator_clean_fraction": 0.0, "discriminator_clean_uniform_masking": False,
-           "discriminator_mask_hold_steps": 0, "discriminator_mask_decay_steps": 0}
+NO_HOLD = config_lib.NO_CLEAN_HOLD
 
 VARIANTS = {
     # name: (configs/pretrain.py argument string, field overrides)
@@ -198,7 +198,7 @@ def plan_steps(max_steps: int, evals: int) -> tuple[int, int]:
 
 def run_config(variant: str, seed: int, budget_flops: float, evals: int):
   """(config, step FLOPs, steps between evaluation points) for a budgeted run."""
-  from mmelectra import config_lib, flops
+  from mmelectra import flops
   config = base_config(variant, seed)
   step_flops = flops.train_step_flops(config_lib.finalize(config))
   interval, log_every = plan_steps(int(budget_flops // step_flops), evals)

@@ -13,6 +13,12 @@ from mmelectra.data import bad_records
 from mmelectra.data import datasets
 from mmelectra.data import regions
 
+# The discriminator with no clean hold: every example corrupted from the first step. What
+# a run saved before the clean share existed trained (`upgrade`), and the per-modality
+# default until 2026-12-04.
+NO_CLEAN_HOLD = {"discriminator_clean_fraction": 0.0, "discriminator_clean_uniform_masking": False,
+                 "discriminator_mask_hold_steps": 0, "discriminator_mask_decay_steps": 0}
+
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates the config (`validate`: ranges and the rules between fields), fills the
@@ -65,9 +71,7 @@ def upgrade(raw: dict) -> dict:
     raw.setdefault("loss_weights", {}).setdefault(name, 0.0)
   model.setdefault("rtd_reads_clm", False)
   raw.setdefault("generator_trains_embeddings", True)
-  for name, value in (("discriminator_clean_fraction", 0.0), ("discriminator_mask_hold_steps", 0),
-                      ("discriminator_mask_decay_steps", 0),
-                      ("discriminator_clean_uniform_masking", False)):
+  for name, value in NO_CLEAN_HOLD.items():
     raw.setdefault(name, value)
   return raw
 

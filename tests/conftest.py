@@ -27,6 +27,7 @@ import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import pretrain  # noqa: E402
+from mmelectra import config_lib  # noqa: E402
 
 SPECIAL_IDS = dict(pad=0, unk=1, cls=2, sep=3, mask=4)
 
@@ -58,8 +59,7 @@ def micro_config(objective="electra", moc="sample", **overrides):
   c.text_mask_weighting = "uniform"
   # Every example corrupted from the first step (ELECTRA's pair, what these tests take
   # apart); the default's clean hold and hand-over have their own tests (test_model.py).
-  c.update(discriminator_clean_fraction=0.0, discriminator_clean_uniform_masking=False,
-           discriminator_mask_hold_steps=0, discriminator_mask_decay_steps=0)
+  c.update(config_lib.NO_CLEAN_HOLD)
   c.model.update(hidden_size=32, num_heads=2, mlp_dim=64, l_layers=1, r_layers=1, x_layers=1,
                  generator_width_ratio=0.5, vocab_size=40, max_position=16,
                  visual_feat_dim=12, num_regions=6, num_object_classes=5)
