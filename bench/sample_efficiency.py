@@ -41,6 +41,8 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
                 hold 450, decay 450)
   warm_start_clean_long  the same with the held phase twice as long (hold 900, decay 450):
                 does the hand-over to ELECTRA add to the baseline's task or cost it?
+  clean_unscored  electra (its half hold) with the clean examples left out of RTD/R2D
+                (discriminator_scores_clean=False): no one-class target in the hold
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -129,6 +131,9 @@ VARIANTS = {
     "warm_start_clean_long": ("objective=electra", {
         "discriminator_clean_fraction": 1.0, "discriminator_clean_uniform_masking": True,
         "discriminator_mask_hold_steps": 900, "discriminator_mask_decay_steps": 450}),
+    # The default with the clean examples out of RTD/R2D: in the hold their every target is
+    # "original", which the demo's hold grounds without (docs/findings.md, 2026-12-04 (late)).
+    "clean_unscored": ("objective=electra", {"discriminator_scores_clean": False}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),

@@ -150,6 +150,10 @@ def get_config(arg=None):
   # follow total_steps (set it, or a preset, and they move with it); a number overrides.
   c.discriminator_clean_fraction = 1.0 if per_modality else 0.0
   c.discriminator_clean_uniform_masking = per_modality
+  # True: RTD/R2D also score the clean examples, where every word and region is the
+  # original; False: those examples leave RTD/R2D (they still count in the corrective
+  # LM/MOC and ITM), so in the hold the discriminator heads get no one-class target.
+  c.discriminator_scores_clean = True
   c.discriminator_mask_hold_steps = c.get_ref("total_steps") // 2 if per_modality else 0
   c.discriminator_mask_decay_steps = c.get_ref("total_steps") // 4 if per_modality else 0
   # Share of the examples in which only one modality is corrupted: the other (the words in

@@ -61,6 +61,8 @@ def upgrade(raw: dict) -> dict:
   - Before the clean share and its schedule every example was corrupted from the first
     step: an older run keeps no clean examples and no hold (today's per-modality default
     holds the baseline's task for half the run).
+  - Before `discriminator_scores_clean` RTD/R2D scored every example: an older run keeps
+    True.
   """
   model = raw.get("model", {})
   if "generator" not in model:
@@ -73,6 +75,7 @@ def upgrade(raw: dict) -> dict:
   raw.setdefault("generator_trains_embeddings", True)
   for name, value in NO_CLEAN_HOLD.items():
     raw.setdefault(name, value)
+  raw.setdefault("discriminator_scores_clean", True)
   return raw
 
 
@@ -185,6 +188,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
     ("model.rtd_reads_clm", *_one_of(True, False)),
     ("generator_trains_embeddings", *_one_of(True, False)),
     ("discriminator_clean_uniform_masking", *_one_of(True, False)),
+    ("discriminator_scores_clean", *_one_of(True, False)),
     ("model.dtype", *_one_of("float32", "bfloat16")),
     ("model.generator", *_one_of("per_modality", "crossmodal", "tied")),
     ("model.generator_width_ratio", *_number(0, 1, lo_open=True)),
@@ -249,7 +253,11 @@ def _relations(config) -> list[str]:
       data.max_text_len > config.model.max_position:
     problems.append(f"config.data.max_text_len={data.max_text_len} exceeds "
                     f"config.model.max_position={config.model.max_position}")
-  if config.get("discriminator_clean_uniform_masking") and not config.discriminator_clean_fraction:
-    problems.append("config.discriminator_clean_uniform_masking=True masks the clean examples' "
-                    "words, but config.discriminator_clean_fraction=0 makes none")
+  if not config.get("discriminator_clean_fraction", 1.0):
+    if config.get("discriminator_clean_uniform_masking"):
+      problems.append("config.discriminator_clean_uniform_masking=True masks the clean examples' "
+                      "words, but config.discriminator_clean_fraction=0 makes none")
+    if config.get("discriminator_scores_clean") is False:
+      problems.append("config.discriminator_scores_clean=False leaves the clean examples out of "
+                      "RTD/R2D, but config.discriminator_clean_fraction=0 makes none")
   return problems

@@ -78,6 +78,10 @@ class ObjectiveConfig:
   # `text_mask_log_weights` says, so a clean pair keeps some of the words that name the
   # region a masked word or region belongs to (docs/findings.md, 2026-12-03 (evening)).
   discriminator_clean_uniform_masking: bool = False
+  # True: RTD/R2D score the clean examples too, where every slot they read is the
+  # original (a target of one class). False: those examples leave RTD/R2D, as they leave
+  # nothing to find; the corrective LM/MOC and ITM still read them (docs/method.md §9).
+  discriminator_scores_clean: bool = True
   # Share of the examples in which only one modality is corrupted and the other (half the
   # time the words, half the regions) is read unmasked, an intact witness
   # (`electra.witness_rows`). Its slots leave the corrective LM/MOC (nothing to correct)
@@ -129,6 +133,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       generator_trains_embeddings=bool(config.generator_trains_embeddings),
       discriminator_clean_fraction=float(config.discriminator_clean_fraction),
       discriminator_clean_uniform_masking=bool(config.discriminator_clean_uniform_masking),
+      discriminator_scores_clean=bool(config.discriminator_scores_clean),
       discriminator_witness_fraction=float(config.discriminator_witness_fraction),
   )
 
@@ -382,11 +387,14 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
       kept_masked, kept_regions, witness_text, witness_regions)
 
 
-def _discriminator_weights(x, pair_w: Array, c: _Corruption,
-                           words_only: bool = False) -> tuple[Array, Array]:
+def _discriminator_weights(x, pair_w: Array, c: _Corruption, words_only: bool = False,
+                           scores_clean: bool = True) -> tuple[Array, Array]:
   """RTD's and R2D's per-position weights: real tokens (with `words_only`, the maskable
   words: [CLS] and [SEP] are never replaced) and regions of matched pairs, less the slots
-  left masked (a [MASK] is plainly not the original: no target there)."""
+  left masked (a [MASK] is plainly not the original: no target there) and, unless
+  `scores_clean`, less the clean examples (nothing replaced: every target "original")."""
+  if not scores_clean and x.clean is not None:
+    pair_w = pair_w * ~x.clean
   text_w = (x.maskable if words_only else x.text_mask) * pair_w[:, None]
   if c.kept_masked is not None:
     text_w = text_w * ~electra.positions_to_dense(x.text_positions, c.kept_masked, x.text_ids.shape[1])
@@ -481,7 +489,8 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   rtd_logits, r2d_logits = discriminated["rtd"], discriminated["r2d"]
   # RTD reading the corrective LM skips [CLS] and [SEP]: there it would only teach the
   # corrective LM to name them, pulling the [CLS] state the pooler reads (docs/method.md §9).
-  text_w, region_w = _discriminator_weights(x, pair_w, c, words_only=model.cfg.rtd_reads_clm)
+  text_w, region_w = _discriminator_weights(x, pair_w, c, words_only=model.cfg.rtd_reads_clm,
+                                            scores_clean=ocfg.discriminator_scores_clean)
   rtd = metrics_lib.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = metrics_lib.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
   itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else discriminated["itm"], x)

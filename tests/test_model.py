@@ -294,6 +294,42 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair():
   assert float(at[60]["text_replaced_frac"][1]) > 0 and float(at[60]["region_replaced_frac"][1]) > 0
 
 
+def test_clean_pairs_can_leave_rtd_and_r2d():
+  config = micro_config(discriminator_region_mask_fraction=0.0,
+                        **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
+  setup = setup_lib.build(config, SPECIAL_IDS)
+  params = setup_lib.init_state(setup, 0)["params"]
+  batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
+
+  def sums_with(fraction, scores_clean):
+    ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__,
+                                         "discriminator_clean_fraction": fraction,
+                                         "discriminator_scores_clean": scores_clean})
+    return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[1]
+
+  # Every example clean and left out: RTD and R2D have no target at all; the corrective
+  # heads and ITM read the same pairs as when RTD/R2D score them.
+  scored, left = sums_with(1.0, True), sums_with(1.0, False)
+  assert float(scored["rtd_loss"][1]) > 0 and float(scored["r2d_loss"][1]) > 0
+  assert float(left["rtd_loss"][1]) == float(left["r2d_loss"][1]) == 0
+  for name in ("clm_loss", "cmoc_loss", "itm_loss", "mlm_loss", "moc_loss"):
+    np.testing.assert_allclose(np.asarray(left[name]), np.asarray(scored[name]), err_msg=name)
+  total = lambda sums: float(sums["loss"][0] / sums["loss"][1])
+  dropped = sum(setup.ocfg.weights[k] * float(scored[f"{k}_loss"][0] / scored[f"{k}_loss"][1])
+                for k in ("rtd", "r2d"))
+  assert dropped > 0
+  np.testing.assert_allclose(total(left), total(scored) - dropped, rtol=1e-5)
+  # Half clean: only the clean examples leave; the corrupted ones keep every target.
+  half_scored, half_left = sums_with(0.5, True), sums_with(0.5, False)
+  for name in ("rtd_loss", "r2d_loss"):
+    assert 0 < float(half_left[name][1]) < float(half_scored[name][1]), name
+  np.testing.assert_allclose(float(half_left["text_replaced_frac"][1]),
+                             float(half_scored["text_replaced_frac"][1]))
+  # Without clean examples the switch changes nothing.
+  np.testing.assert_allclose(np.asarray(sums_with(0.0, False)["rtd_loss"]),
+                             np.asarray(sums_with(0.0, True)["rtd_loss"]))
+
+
 def test_clean_rows_can_be_masked_uniformly_under_salience_weights():
   config = micro_config()
   setup = setup_lib.build(config, SPECIAL_IDS)

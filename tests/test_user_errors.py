@@ -101,6 +101,10 @@ def test_validate_accepts_every_preset_and_names_every_bad_key():
   with pytest.raises(errors.InvalidInput, match="discriminator_clean_fraction=0 makes none"):
     config_lib.validate(ml_collections.ConfigDict({
         **pretrain.get_config("runlocal").to_dict(), "discriminator_clean_fraction": 0.0}))
+  with pytest.raises(errors.InvalidInput, match="scores_clean=False leaves the clean .* makes none"):
+    config_lib.validate(ml_collections.ConfigDict({
+        **pretrain.get_config("runlocal").to_dict(), "discriminator_clean_fraction": 0.0,
+        "discriminator_clean_uniform_masking": False, "discriminator_scores_clean": False}))
   with pytest.raises(errors.InvalidInput, match="at most one axis may be -1"):
     config_lib.validate(c)
   c.mesh.update(fsdp=1)
