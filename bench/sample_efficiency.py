@@ -568,7 +568,7 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
   names = (("r1", "retrieval_r1"), ("itm", "itm_acc"), ("vqa", "vqa_acc"))
   fields = [f"{variant}_flops_to_mlm_{name}={short(ratios.get((variant, key)))}"
             for variant in ("electra", "no_hold", "warm_start_clean_long", "warm_start_clean",
-                            "electra_tied")
+                            "electra_tied", "clean_unscored")
             if variant == "electra" or variant in data
             for name, key in names]
   print("RESULT " + " ".join(fields))
