@@ -263,18 +263,27 @@ def test_discriminator_mask_fraction_reads_masked_slots_masked_on_a_schedule():
     assert (float(sums["region_replaced_frac"][1]) > 0) == (regions == 0.0)
 
 
-def test_clean_pairs_are_read_as_the_baselines_masked_pair():
+@pytest.fixture(scope="module")
+def corrective():
+  """(config, setup, params) of the micro electra with the corrective LM/MOC on and every
+  masked region replaced: the clean-share and witness tests' model."""
   config = micro_config(discriminator_region_mask_fraction=0.0,
                         **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
   setup = setup_lib.build(config, SPECIAL_IDS)
-  params = setup_lib.init_state(setup, 0)["params"]
+  return config, setup, setup_lib.init_state(setup, 0)["params"]
+
+
+def _sums_with(setup, params, batch, **fields):
+  """The metric sums of one batch under the run's objective config with `fields` changed."""
+  ocfg = dataclasses.replace(setup.ocfg, **fields)
+  return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[1]
+
+
+def test_clean_pairs_are_read_as_the_baselines_masked_pair(corrective):
+  config, setup, params = corrective
   batch = jax.tree.map(jnp.asarray, random_batch(config))
 
-  def sums_with(fraction):
-    ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__,
-                                         "discriminator_clean_fraction": fraction})
-    return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[1]
-
+  sums_with = lambda fraction: _sums_with(setup, params, batch, discriminator_clean_fraction=fraction)
   none, every = sums_with(0.0), sums_with(1.0)
   # Every example clean: no masked word or region is replaced, so RTD and R2D count only the
   # untouched positions; the corrective heads still train at every masked slot.
@@ -294,18 +303,13 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair():
   assert float(at[60]["text_replaced_frac"][1]) > 0 and float(at[60]["region_replaced_frac"][1]) > 0
 
 
-def test_clean_pairs_can_leave_rtd_and_r2d():
-  config = micro_config(discriminator_region_mask_fraction=0.0,
-                        **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
-  setup = setup_lib.build(config, SPECIAL_IDS)
-  params = setup_lib.init_state(setup, 0)["params"]
+def test_clean_pairs_can_leave_rtd_and_r2d(corrective):
+  config, setup, params = corrective
   batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
 
-  def sums_with(fraction, scores_clean):
-    ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__,
-                                         "discriminator_clean_fraction": fraction,
-                                         "discriminator_scores_clean": scores_clean})
-    return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[1]
+  sums_with = lambda fraction, scores_clean: _sums_with(
+      setup, params, batch, discriminator_clean_fraction=fraction,
+      discriminator_scores_clean=scores_clean)
 
   # Every example clean and left out: RTD and R2D have no target at all; the corrective
   # heads and ITM read the same pairs as when RTD/R2D score them.
@@ -360,11 +364,8 @@ def test_clean_rows_can_be_masked_uniformly_under_salience_weights():
   assert not hit[holds & clean].all()  # the clean rows are masked uniformly
 
 
-def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads():
-  config = micro_config(discriminator_region_mask_fraction=0.0,
-                        **{"loss_weights.clm": 1.0, "loss_weights.cmoc": 1.0})
-  setup = setup_lib.build(config, SPECIAL_IDS)
-  params = setup_lib.init_state(setup, 0)["params"]
+def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads(corrective):
+  config, setup, params = corrective
   batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
   x = objectives._prepare(batch, jax.random.split(jax.random.key(0), 5)[0], setup.ocfg)
 
@@ -389,11 +390,7 @@ def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads():
   assert not np.asarray(c.kept_masked)[text_side].any()
   assert not same_text[region_side].all() and not same_regions[text_side].all()
 
-  def sums_with(fraction):
-    ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__,
-                                         "discriminator_witness_fraction": fraction})
-    return objectives.compute_losses(setup.model, params, batch, jax.random.key(0), ocfg, True)[1]
-
+  sums_with = lambda fraction: _sums_with(setup, params, batch, discriminator_witness_fraction=fraction)
   none, every = sums_with(0.0), sums_with(1.0)
   # A witness's slots leave the corrective LM/MOC and the replaced shares.
   for name in ("clm_loss", "cmoc_loss", "text_replaced_frac", "region_replaced_frac"):
