@@ -43,6 +43,9 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
                 does the hand-over to ELECTRA add to the baseline's task or cost it?
   clean_unscored  electra (its half hold) with the clean examples left out of RTD/R2D
                 (discriminator_scores_clean=False): no one-class target in the hold
+  clean_floor   electra whose clean share falls to a quarter, not to 0, and stays
+                (discriminator_clean_floor=0.25): the baseline's task goes on beside
+                ELECTRA's after the hand-over
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -134,6 +137,10 @@ VARIANTS = {
     # The default with the clean examples out of RTD/R2D: in the hold their every target is
     # "original", which the demo's hold grounds without (docs/findings.md, 2026-12-04 (late)).
     "clean_unscored": ("objective=electra", {"discriminator_scores_clean": False}),
+    # The default whose hand-over stops at a quarter of the examples clean: does the
+    # baseline's task beside ELECTRA's keep what the hold grounded (docs/findings.md,
+    # 2026-12-05)?
+    "clean_floor": ("objective=electra", {"discriminator_clean_floor": 0.25}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),
@@ -568,7 +575,7 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
   names = (("r1", "retrieval_r1"), ("itm", "itm_acc"), ("vqa", "vqa_acc"))
   fields = [f"{variant}_flops_to_mlm_{name}={short(ratios.get((variant, key)))}"
             for variant in ("electra", "no_hold", "warm_start_clean_long", "warm_start_clean",
-                            "electra_tied", "clean_unscored")
+                            "electra_tied", "clean_unscored", "clean_floor")
             if variant == "electra" or variant in data
             for name, key in names]
   print("RESULT " + " ".join(fields))

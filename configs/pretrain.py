@@ -150,6 +150,10 @@ def get_config(arg=None):
   # follow total_steps (set it, or a preset, and they move with it); a number overrides.
   c.discriminator_clean_fraction = 1.0 if per_modality else 0.0
   c.discriminator_clean_uniform_masking = per_modality
+  # Where the clean share's schedule ends (0: every example corrupted after the
+  # hand-over). A floor keeps the baseline's task on that share of the examples for the
+  # rest of the run, beside ELECTRA's corrupted pairs; needs decay_steps > 0.
+  c.discriminator_clean_floor = 0.0
   # True: RTD/R2D also score the clean examples, where every word and region is the
   # original; False: those examples leave RTD/R2D (they still count in the corrective
   # LM/MOC and ITM), so in the hold the discriminator heads get no one-class target.

@@ -17,7 +17,8 @@ from mmelectra.data import regions
 # a run saved before the clean share existed trained (`upgrade`), and the per-modality
 # default until 2026-12-04.
 NO_CLEAN_HOLD = {"discriminator_clean_fraction": 0.0, "discriminator_clean_uniform_masking": False,
-                 "discriminator_mask_hold_steps": 0, "discriminator_mask_decay_steps": 0}
+                 "discriminator_mask_hold_steps": 0, "discriminator_mask_decay_steps": 0,
+                 "discriminator_clean_floor": 0.0}
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -60,7 +61,7 @@ def upgrade(raw: dict) -> dict:
     embeddings (ELECTRA's sharing): an older run keeps True.
   - Before the clean share and its schedule every example was corrupted from the first
     step: an older run keeps no clean examples and no hold (today's per-modality default
-    holds the baseline's task for half the run).
+    holds the baseline's task for half the run), and so no clean floor either.
   - Before `discriminator_scores_clean` RTD/R2D scored every example: an older run keeps
     True.
   """
@@ -181,7 +182,8 @@ PRETRAIN_RULES = _SHARED_RULES + (
     *_keys(_RATE, "text_mask_rate", "region_mask_rate", "itm_negative_fraction",
            "model.dropout_rate", "model.attention_dropout_rate"),
     *_keys(_number(0, 1), "discriminator_mask_fraction", "discriminator_region_mask_fraction",
-           "discriminator_clean_fraction", "discriminator_witness_fraction"),
+           "discriminator_clean_fraction", "discriminator_clean_floor",
+           "discriminator_witness_fraction"),
     *_keys(_NON_NEGATIVE, "text_temperature", "region_temperature",
            *(f"loss_weights.{name}" for name in ("moc", "mlm", "r2d", "rtd", "itm", "clm", "cmoc", "itc"))),
     *_keys(_POSITIVE, "model.layer_norm_eps", "text_mask_salience_floor"),
@@ -253,6 +255,15 @@ def _relations(config) -> list[str]:
       data.max_text_len > config.model.max_position:
     problems.append(f"config.data.max_text_len={data.max_text_len} exceeds "
                     f"config.model.max_position={config.model.max_position}")
+  floor = config.get("discriminator_clean_floor", 0.0)
+  if floor and floor > config.get("discriminator_clean_fraction", 1.0):
+    problems.append(f"config.discriminator_clean_floor={floor} is where the clean share falls to; "
+                    "it cannot be above where it starts, config.discriminator_clean_fraction="
+                    f"{config.get('discriminator_clean_fraction')}")
+  if floor and not config.get("discriminator_mask_decay_steps", 0):
+    problems.append(f"config.discriminator_clean_floor={floor} ends the clean share's schedule, "
+                    "but config.discriminator_mask_decay_steps=0 gives it none (the share stays "
+                    "at config.discriminator_clean_fraction)")
   if not config.get("discriminator_clean_fraction", 1.0):
     if config.get("discriminator_clean_uniform_masking"):
       problems.append("config.discriminator_clean_uniform_masking=True masks the clean examples' "

@@ -74,6 +74,11 @@ class ObjectiveConfig:
   # words and regions does not teach (docs/findings.md, 2026-12-03). With
   # `discriminator_mask_decay_steps` > 0 it follows the same hold-then-decay schedule.
   discriminator_clean_fraction: float = 0.0
+  # Where the clean share's schedule ends: it falls from `discriminator_clean_fraction`
+  # to this share, not to 0, and stays there (evaluation reads this share too), so the
+  # baseline's task goes on beside ELECTRA's after the hand-over. Needs the schedule
+  # (`discriminator_mask_decay_steps` > 0); the masked-slot shares still fall to 0.
+  discriminator_clean_floor: float = 0.0
   # True: the clean examples' words are masked uniformly (BERT's, the baseline's) whatever
   # `text_mask_log_weights` says, so a clean pair keeps some of the words that name the
   # region a masked word or region belongs to (docs/findings.md, 2026-12-03 (evening)).
@@ -132,6 +137,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       text_mask_log_weights=log_weights,
       generator_trains_embeddings=bool(config.generator_trains_embeddings),
       discriminator_clean_fraction=float(config.discriminator_clean_fraction),
+      discriminator_clean_floor=float(config.discriminator_clean_floor),
       discriminator_clean_uniform_masking=bool(config.discriminator_clean_uniform_masking),
       discriminator_scores_clean=bool(config.discriminator_scores_clean),
       discriminator_witness_fraction=float(config.discriminator_witness_fraction),
@@ -193,7 +199,7 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig, step
     # Drawn here, as the clean rows may be masked their own way; a stream of its own
     # (fold_in) so runs without them keep theirs.
     clean = electra.clean_rows(jax.random.fold_in(rng, 1), batch_size, discriminator_mask_fraction(
-        ocfg, step, ocfg.discriminator_clean_fraction))
+        ocfg, step, ocfg.discriminator_clean_fraction, ocfg.discriminator_clean_floor))
     if ocfg.discriminator_clean_uniform_masking and log_weights is not None:
       log_weights = jnp.where(clean[:, None], 0.0, log_weights)
   t_pos, t_w = electra.choose_mask_positions(rng_text, maskable, ocfg.text_mask_rate,
@@ -304,18 +310,19 @@ def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveCo
                for pool, original in zip(pools, originals))
 
 
-def discriminator_mask_fraction(ocfg: ObjectiveConfig, step, start: float | None = None) -> Array | float:
+def discriminator_mask_fraction(ocfg: ObjectiveConfig, step, start: float | None = None,
+                                end: float = 0.0) -> Array | float:
   """The share of masked words (or, given its `start`, of masked regions or of clean
   examples) the discriminator reads masked at `step` (None: the end of the schedule, as
-  evaluation uses)."""
+  evaluation uses). With the schedule it holds `start`, then falls linearly to `end`."""
   start = ocfg.discriminator_mask_fraction if start is None else start
   decay = ocfg.discriminator_mask_decay_steps
   if decay <= 0:
     return start
   if step is None:
-    return 0.0
+    return end
   after_hold = step.astype(jnp.float32) - ocfg.discriminator_mask_hold_steps
-  return start * jnp.clip(1.0 - after_hold / decay, 0.0, 1.0)
+  return end + (start - end) * jnp.clip(1.0 - after_hold / decay, 0.0, 1.0)
 
 
 class _Corruption(NamedTuple):

@@ -239,7 +239,7 @@ def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_p
     del raw["text_mask_weighting"], raw["model"]["rtd_reads_clm"], raw["generator_trains_embeddings"]
     for name in ("discriminator_clean_fraction", "discriminator_clean_uniform_masking",
                  "discriminator_mask_hold_steps", "discriminator_mask_decay_steps",
-                 "discriminator_scores_clean"):
+                 "discriminator_scores_clean", "discriminator_clean_floor"):
       del raw[name]
     raw["model"]["generator_tied"] = tied
     (tmp_path / "config.json").write_text(json.dumps(raw))
@@ -254,6 +254,7 @@ def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_p
             loaded.discriminator_mask_decay_steps, loaded.discriminator_clean_uniform_masking) == (
                 0.0, 0, 0, False)
     assert loaded.discriminator_scores_clean is True  # RTD/R2D scored every example
+    assert loaded.discriminator_clean_floor == 0.0
 
 
 def test_unknown_config_key_is_an_error_naming_it():

@@ -236,6 +236,10 @@ def test_discriminator_mask_fraction_reads_masked_slots_masked_on_a_schedule():
   assert [fraction(0), fraction(50), fraction(100), fraction(500), fraction(None)] == [1.0, 0.5, 0.0, 0.0, 0.0]
   held = objectives.ObjectiveConfig(**{**ocfg.__dict__, "discriminator_mask_hold_steps": 40})
   assert [fraction(s, held) for s in (0, 40, 90, 140)] == [1.0, 1.0, 0.5, 0.0]
+  # A floor: the share falls to it, not to 0, and evaluation (step None) reads it.
+  floor = lambda step: float(objectives.discriminator_mask_fraction(
+      held, None if step is None else jnp.asarray(step), 1.0, 0.25))
+  assert [floor(s) for s in (0, 40, 90, 140, 1000, None)] == [1.0, 1.0, 0.625, 0.25, 0.25, 0.25]
   params = setup_lib.init_state(setup, 0)["params"]
   batch = jax.tree.map(jnp.asarray, random_batch(config))
 
@@ -301,6 +305,14 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair(corrective):
                                         True, step=jnp.asarray(step))[1] for step in (40, 60)}
   assert float(at[40]["text_replaced_frac"][1]) == float(at[40]["region_replaced_frac"][1]) == 0
   assert float(at[60]["text_replaced_frac"][1]) > 0 and float(at[60]["region_replaced_frac"][1]) > 0
+  # With a floor the hand-over stops there: long after it a quarter of the examples stay
+  # clean, in training and in evaluation (step None); without one, none.
+  wide = jax.tree.map(jnp.asarray, random_batch(config, batch_size=256))
+  clean_share = lambda ocfg, step: float(objectives._prepare(
+      wide, jax.random.key(1), ocfg, None if step is None else jnp.asarray(step)).clean.mean())
+  floored = dataclasses.replace(held, discriminator_clean_floor=0.25)
+  assert clean_share(held, 1000) == clean_share(held, None) == 0
+  assert 0.15 < clean_share(floored, 1000) < 0.35 and 0.15 < clean_share(floored, None) < 0.35
 
 
 def test_clean_pairs_can_leave_rtd_and_r2d(corrective):

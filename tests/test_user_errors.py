@@ -105,6 +105,15 @@ def test_validate_accepts_every_preset_and_names_every_bad_key():
     config_lib.validate(ml_collections.ConfigDict({
         **pretrain.get_config("runlocal").to_dict(), "discriminator_clean_fraction": 0.0,
         "discriminator_clean_uniform_masking": False, "discriminator_scores_clean": False}))
+  with pytest.raises(errors.InvalidInput, match="clean_floor=0.5 is where .* cannot be above .*"
+                     "clean_fraction=0.25"):
+    config_lib.validate(ml_collections.ConfigDict({
+        **pretrain.get_config("runlocal").to_dict(), "discriminator_clean_fraction": 0.25,
+        "discriminator_clean_floor": 0.5}))
+  with pytest.raises(errors.InvalidInput, match="clean_floor=0.25 ends .*_decay_steps=0 gives it none"):
+    config_lib.validate(ml_collections.ConfigDict({
+        **pretrain.get_config("runlocal").to_dict(), "discriminator_clean_floor": 0.25,
+        "discriminator_mask_hold_steps": 0, "discriminator_mask_decay_steps": 0}))
   with pytest.raises(errors.InvalidInput, match="at most one axis may be -1"):
     config_lib.validate(c)
   c.mesh.update(fsdp=1)
