@@ -139,7 +139,7 @@ VARIANTS = {
     "clean_unscored": ("objective=electra", {"discriminator_scores_clean": False}),
     # The default whose hand-over stops at a quarter of the examples clean: does the
     # baseline's task beside ELECTRA's keep what the hold grounded (docs/findings.md,
-    # 2026-12-05)?
+    # 2026-12-04 (late night))?
     "clean_floor": ("objective=electra", {"discriminator_clean_floor": 0.25}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
