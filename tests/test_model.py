@@ -234,7 +234,7 @@ def test_discriminator_mask_fraction_reads_masked_slots_masked_on_a_schedule():
   fraction = lambda step, o=ocfg: float(objectives.discriminator_mask_fraction(
       o, None if step is None else jnp.asarray(step)))
   assert [fraction(0), fraction(50), fraction(100), fraction(500), fraction(None)] == [1.0, 0.5, 0.0, 0.0, 0.0]
-  held = objectives.ObjectiveConfig(**{**ocfg.__dict__, "discriminator_mask_hold_steps": 40})
+  held = dataclasses.replace(ocfg, discriminator_mask_hold_steps=40)
   assert [fraction(s, held) for s in (0, 40, 90, 140)] == [1.0, 1.0, 0.5, 0.0]
   # A floor: the share falls to it, not to 0, and evaluation (step None) reads it.
   floor = lambda step: float(objectives.discriminator_mask_fraction(
@@ -259,9 +259,9 @@ def test_discriminator_mask_fraction_reads_masked_slots_masked_on_a_schedule():
   assert float(start["clm_loss"][1]) == float(end["clm_loss"][1]) > 0
   # Words and regions have a share each: every masked word replaced, no region.
   for words, regions in ((0.0, 1.0), (1.0, 0.0)):
-    split = objectives.ObjectiveConfig(**{**ocfg.__dict__, "discriminator_mask_fraction": words,
-                                          "discriminator_region_mask_fraction": regions,
-                                          "discriminator_mask_decay_steps": 0})
+    split = dataclasses.replace(ocfg, discriminator_mask_fraction=words,
+                                discriminator_region_mask_fraction=regions,
+                                discriminator_mask_decay_steps=0)
     sums = objectives.compute_losses(setup.model, params, batch, jax.random.key(0), split, True)[1]
     assert (float(sums["text_replaced_frac"][1]) > 0) == (words == 0.0)
     assert (float(sums["region_replaced_frac"][1]) > 0) == (regions == 0.0)
@@ -298,9 +298,8 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair(corrective):
   assert float(every["clm_loss"][1]) == float(none["clm_loss"][1]) > 0
   assert float(every["cmoc_loss"][1]) == float(none["cmoc_loss"][1]) > 0
   # On a schedule the clean share holds, then hands over to corrupted pairs.
-  held = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__, "discriminator_clean_fraction": 1.0,
-                                       "discriminator_mask_hold_steps": 40,
-                                       "discriminator_mask_decay_steps": 20})
+  held = dataclasses.replace(setup.ocfg, discriminator_clean_fraction=1.0,
+                             discriminator_mask_hold_steps=40, discriminator_mask_decay_steps=20)
   at = {step: objectives.compute_losses(setup.model, params, batch, jax.random.key(0), held,
                                         True, step=jnp.asarray(step))[1] for step in (40, 60)}
   assert float(at[40]["text_replaced_frac"][1]) == float(at[40]["region_replaced_frac"][1]) == 0
