@@ -141,6 +141,10 @@ VARIANTS = {
     # baseline's task beside ELECTRA's keep what the hold grounded (docs/findings.md,
     # 2026-12-04 (late night))?
     "clean_floor": ("objective=electra", {"discriminator_clean_floor": 0.25}),
+    # The default whose hold never ends: every pair clean, the baseline's task, for the
+    # whole run (the generator still trains beside it, unread). The control for the
+    # ELECTRA phase: at or above the default, that phase adds nothing at this budget.
+    "hold_all": ("objective=electra", {"discriminator_mask_hold_steps": 10 ** 9}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),
