@@ -263,8 +263,10 @@ def _region_embeddings(model: MMElectra, params, x: _Inputs) -> tuple[Array, Arr
   return embeds, electra.scatter(embeds, x.region_positions, masked, x.region_weights)
 
 
-def _moc_terms(moc_out, embeds: Array, x: _Inputs, loss_weight: Array, ocfg: ObjectiveConfig):
-  """L1, moc_acc (None for regress) and the logits replacement sampling reads.
+def _moc_scoring(moc_out, embeds: Array, x: _Inputs, ocfg: ObjectiveConfig):
+  """(terms, scores): `terms(loss_weight)` gives L1 and moc_acc (None for regress) over
+  the masked regions `loss_weight` counts; `scores` are the logits replacement sampling
+  reads (None for regress). The scores are computed once, whichever weights read them.
 
   `embeds` are the regions' `candidate_embeddings` (see `_region_embeddings`).
   """
@@ -274,19 +276,24 @@ def _moc_terms(moc_out, embeds: Array, x: _Inputs, loss_weight: Array, ocfg: Obj
     # The pool is every region of the global batch, on all shards (docs/method.md §5).
     scores = collectives.pool_candidate_scores(moc_out, candidates, x.region_mask.reshape(-1))
     target = electra.flat_region_index(x.region_positions, num_regions)
-    moc = metrics_lib.cross_entropy(scores, target, loss_weight)
-    acc = metrics_lib.accuracy_sums(electra.argmax(scores), target, loss_weight)
-    return moc, acc, scores
+    return (lambda w: (metrics_lib.cross_entropy(scores, target, w),
+                       metrics_lib.accuracy_sums(electra.argmax(scores), target, w))), scores
   if ocfg.moc_mode == "regress":
     target = electra.gather(x.feats, x.region_positions)
-    return metrics_lib.smooth_l1(moc_out, target, loss_weight), None, None
+    return (lambda w: (metrics_lib.smooth_l1(moc_out, target, w), None)), None
   # classify: only regions with a label count.
   labels = electra.gather(x.region_labels, x.region_positions)
-  labelled = loss_weight * (labels >= 0)
   safe_labels = jnp.maximum(labels, 0)
-  moc = metrics_lib.cross_entropy(moc_out, safe_labels, labelled)
-  acc = metrics_lib.accuracy_sums(electra.argmax(moc_out), safe_labels, labelled)
-  return moc, acc, moc_out
+  labelled = lambda w: w * (labels >= 0)
+  return (lambda w: (metrics_lib.cross_entropy(moc_out, safe_labels, labelled(w)),
+                     metrics_lib.accuracy_sums(electra.argmax(moc_out), safe_labels,
+                                               labelled(w)))), moc_out
+
+
+def _moc_terms(moc_out, embeds: Array, x: _Inputs, loss_weight: Array, ocfg: ObjectiveConfig):
+  """L1, moc_acc (None for regress) and the logits replacement sampling reads."""
+  terms, scores = _moc_scoring(moc_out, embeds, x, ocfg)
+  return (*terms(loss_weight), scores)
 
 
 def _replacement_regions(rng, moc_out, moc_scores, x: _Inputs, ocfg: ObjectiveConfig,
@@ -414,7 +421,7 @@ def _discriminator_weights(x, pair_w: Array, c: _Corruption, words_only: bool = 
 
 def _grounding_terms(discriminated: dict, x, pair_w, text_loss_w, region_loss_w, embeds,
                      ocfg: ObjectiveConfig) -> tuple[dict, dict]:
-  """(losses, accuracy sums) of the optional signals on the discriminator (method §9):
+  """(losses, other metric sums) of the optional signals on the discriminator (method §9):
   contrastive alignment, the corrective LM and its region half."""
   losses, accs = {}, {}
   if "itc" in discriminated:
@@ -424,17 +431,30 @@ def _grounding_terms(discriminated: dict, x, pair_w, text_loss_w, region_loss_w,
     text_emb, image_emb, scale = discriminated["itc"]
     losses["itc"], accs["itc_acc"] = electra.contrastive_terms(
         text_emb, image_emb, scale, pair_w > 0, x.example > 0, collectives.pool_candidate_scores)
+  # With clean examples in the batch the corrective LM/MOC are also reported per kind of
+  # pair (`clean_clm_loss`, `corrupted_cmoc_acc`, ...): on a clean pair they are the
+  # baseline's MLM/MOC, on a corrupted one a harder task, and their sum moves with the
+  # share of each (docs/method.md §9).
+  kinds = {} if x.clean is None else {"clean": x.clean, "corrupted": ~x.clean}
   if ocfg.weights["clm"] > 0:
     # Corrective LM: the original word at every masked slot, from the corrupted pair
     # (matched pairs only, like L2). Where the generator replaced an attribute word, only
     # the image tells the original.
-    losses["clm"], accs["clm_acc"] = _mlm_terms(discriminated["clm"], x, text_loss_w)
+    terms = lambda w: _mlm_terms(discriminated["clm"], x, w)
+    losses["clm"], accs["clm_acc"] = terms(text_loss_w)
+    for kind, rows in kinds.items():
+      accs[f"{kind}_clm_loss"], accs[f"{kind}_clm_acc"] = terms(text_loss_w * rows[:, None])
   if ocfg.weights["cmoc"] > 0:
     # Its region half: the original region at every masked region, from the corrupted
     # pair, scored like the generator's MOC (the same candidate pool for `sample`).
-    losses["cmoc"], cmoc_acc, _ = _moc_terms(discriminated["cmoc"], embeds, x, region_loss_w, ocfg)
+    terms, _ = _moc_scoring(discriminated["cmoc"], embeds, x, ocfg)
+    losses["cmoc"], cmoc_acc = terms(region_loss_w)
     if cmoc_acc is not None:
       accs["cmoc_acc"] = cmoc_acc
+    for kind, rows in kinds.items():
+      accs[f"{kind}_cmoc_loss"], acc = terms(region_loss_w * rows[:, None])
+      if acc is not None:
+        accs[f"{kind}_cmoc_acc"] = acc
   return losses, accs
 
 

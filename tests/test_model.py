@@ -297,6 +297,16 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair(corrective):
   assert float(every["r2d_loss"][1]) < float(none["r2d_loss"][1])
   assert float(every["clm_loss"][1]) == float(none["clm_loss"][1]) > 0
   assert float(every["cmoc_loss"][1]) == float(none["cmoc_loss"][1]) > 0
+  # With clean examples the corrective LM/MOC are also reported per kind of pair: the two
+  # kinds add up to the whole, and an all-clean batch has no corrupted part.
+  assert not any(k.startswith(("clean_", "corrupted_")) for k in none)
+  half = sums_with(0.5)
+  for name in ("clm_loss", "clm_acc", "cmoc_loss", "cmoc_acc"):
+    np.testing.assert_allclose(np.asarray(every[f"clean_{name}"]), np.asarray(every[name]))
+    assert float(every[f"corrupted_{name}"][1]) == 0, name
+    parts = np.asarray(half[f"clean_{name}"]) + np.asarray(half[f"corrupted_{name}"])
+    np.testing.assert_allclose(parts, np.asarray(half[name]), rtol=1e-6, err_msg=name)
+    assert 0 < float(half[f"clean_{name}"][1]) < float(half[name][1]), name
   # On a schedule the clean share holds, then hands over to corrupted pairs.
   held = dataclasses.replace(setup.ocfg, discriminator_clean_fraction=1.0,
                              discriminator_mask_hold_steps=40, discriminator_mask_decay_steps=20)
