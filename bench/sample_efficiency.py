@@ -46,6 +46,8 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
   clean_floor   electra whose clean share falls to a quarter, not to 0, and stays
                 (discriminator_clean_floor=0.25): the baseline's task goes on beside
                 ELECTRA's after the hand-over
+  hold_all      electra whose clean hold never ends (the baseline's task for the
+                whole run): does the ELECTRA phase earn its half of the budget?
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -579,7 +581,7 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
   names = (("r1", "retrieval_r1"), ("itm", "itm_acc"), ("vqa", "vqa_acc"))
   fields = [f"{variant}_flops_to_mlm_{name}={short(ratios.get((variant, key)))}"
             for variant in ("electra", "no_hold", "warm_start_clean_long", "warm_start_clean",
-                            "electra_tied", "clean_unscored", "clean_floor")
+                            "electra_tied", "clean_unscored", "clean_floor", "hold_all")
             if variant == "electra" or variant in data
             for name, key in names]
   print("RESULT " + " ".join(fields))
