@@ -423,39 +423,39 @@ def _grounding_terms(discriminated: dict, x, pair_w, text_loss_w, region_loss_w,
                      ocfg: ObjectiveConfig) -> tuple[dict, dict]:
   """(losses, other metric sums) of the optional signals on the discriminator (method §9):
   contrastive alignment, the corrective LM and its region half."""
-  losses, accs = {}, {}
+  losses, sums = {}, {}
   if "itc" in discriminated:
     # Contrastive alignment of the discriminator's own single-modality outputs. A text
     # takes part where it is its image's (matched pairs), an image wherever it is real;
     # the candidates are the whole global batch (all data-parallel shards).
     text_emb, image_emb, scale = discriminated["itc"]
-    losses["itc"], accs["itc_acc"] = electra.contrastive_terms(
+    losses["itc"], sums["itc_acc"] = electra.contrastive_terms(
         text_emb, image_emb, scale, pair_w > 0, x.example > 0, collectives.pool_candidate_scores)
   # With clean examples in the batch the corrective LM/MOC are also reported per kind of
   # pair (`clean_clm_loss`, `corrupted_cmoc_acc`, ...): on a clean pair they are the
-  # baseline's MLM/MOC, on a corrupted one a harder task, and their sum moves with the
-  # share of each (docs/method.md §9).
+  # baseline's MLM/MOC, on a corrupted one a harder task, and the whole mixes the two at
+  # the step's clean share (docs/method.md §9).
   kinds = {} if x.clean is None else {"clean": x.clean, "corrupted": ~x.clean}
   if ocfg.weights["clm"] > 0:
     # Corrective LM: the original word at every masked slot, from the corrupted pair
     # (matched pairs only, like L2). Where the generator replaced an attribute word, only
     # the image tells the original.
     terms = lambda w: _mlm_terms(discriminated["clm"], x, w)
-    losses["clm"], accs["clm_acc"] = terms(text_loss_w)
+    losses["clm"], sums["clm_acc"] = terms(text_loss_w)
     for kind, rows in kinds.items():
-      accs[f"{kind}_clm_loss"], accs[f"{kind}_clm_acc"] = terms(text_loss_w * rows[:, None])
+      sums[f"{kind}_clm_loss"], sums[f"{kind}_clm_acc"] = terms(text_loss_w * rows[:, None])
   if ocfg.weights["cmoc"] > 0:
     # Its region half: the original region at every masked region, from the corrupted
     # pair, scored like the generator's MOC (the same candidate pool for `sample`).
     terms, _ = _moc_scoring(discriminated["cmoc"], embeds, x, ocfg)
     losses["cmoc"], cmoc_acc = terms(region_loss_w)
     if cmoc_acc is not None:
-      accs["cmoc_acc"] = cmoc_acc
+      sums["cmoc_acc"] = cmoc_acc
     for kind, rows in kinds.items():
-      accs[f"{kind}_cmoc_loss"], acc = terms(region_loss_w * rows[:, None])
+      sums[f"{kind}_cmoc_loss"], acc = terms(region_loss_w * rows[:, None])
       if acc is not None:
-        accs[f"{kind}_cmoc_acc"] = acc
-  return losses, accs
+        sums[f"{kind}_cmoc_acc"] = acc
+  return losses, sums
 
 
 def _replaced_fractions(x, pair_w, c: _Corruption, rtd_labels, r2d_labels) -> dict:
@@ -527,13 +527,13 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   if c.witness_text is not None:
     text_loss_w = text_loss_w * ~c.witness_text[:, None]
     region_loss_w = region_loss_w * ~c.witness_regions[:, None]
-  extra_losses, extra_accs = _grounding_terms(discriminated, x, pair_w, text_loss_w,
+  extra_losses, extra_sums = _grounding_terms(discriminated, x, pair_w, text_loss_w,
                                               region_loss_w, embeds, ocfg)
   losses.update(extra_losses)
   loss = electra.weighted_total({k: metrics_lib.mean(v) for k, v in losses.items()}, ocfg.weights)
   sums = {f"{k}_loss": v for k, v in losses.items()}
   sums["mlm_acc"] = mlm_acc
-  sums.update(extra_accs)
+  sums.update(extra_sums)
   if moc_acc is not None:
     sums["moc_acc"] = moc_acc
   sums.update(metrics_lib.binary_metric_sums("rtd", rtd_logits, rtd_labels, text_w))
