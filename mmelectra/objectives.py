@@ -284,10 +284,12 @@ def _moc_scoring(moc_out, embeds: Array, x: _Inputs, ocfg: ObjectiveConfig):
   # classify: only regions with a label count.
   labels = electra.gather(x.region_labels, x.region_positions)
   safe_labels = jnp.maximum(labels, 0)
-  labelled = lambda w: w * (labels >= 0)
-  return (lambda w: (metrics_lib.cross_entropy(moc_out, safe_labels, labelled(w)),
-                     metrics_lib.accuracy_sums(electra.argmax(moc_out), safe_labels,
-                                               labelled(w)))), moc_out
+
+  def terms(w):
+    labelled = w * (labels >= 0)
+    return (metrics_lib.cross_entropy(moc_out, safe_labels, labelled),
+            metrics_lib.accuracy_sums(electra.argmax(moc_out), safe_labels, labelled))
+  return terms, moc_out
 
 
 def _moc_terms(moc_out, embeds: Array, x: _Inputs, loss_weight: Array, ocfg: ObjectiveConfig):
@@ -442,8 +444,7 @@ def _grounding_terms(discriminated: dict, x, pair_w, text_loss_w, region_loss_w,
     # the image tells the original.
     terms = lambda w: _mlm_terms(discriminated["clm"], x, w)
     losses["clm"], sums["clm_acc"] = terms(text_loss_w)
-    for kind, rows in kinds.items():
-      sums[f"{kind}_clm_loss"], sums[f"{kind}_clm_acc"] = terms(text_loss_w * rows[:, None])
+    sums.update(_by_kind("clm", terms, text_loss_w, kinds))
   if ocfg.weights["cmoc"] > 0:
     # Its region half: the original region at every masked region, from the corrupted
     # pair, scored like the generator's MOC (the same candidate pool for `sample`).
@@ -451,11 +452,20 @@ def _grounding_terms(discriminated: dict, x, pair_w, text_loss_w, region_loss_w,
     losses["cmoc"], cmoc_acc = terms(region_loss_w)
     if cmoc_acc is not None:
       sums["cmoc_acc"] = cmoc_acc
-    for kind, rows in kinds.items():
-      sums[f"{kind}_cmoc_loss"], acc = terms(region_loss_w * rows[:, None])
-      if acc is not None:
-        sums[f"{kind}_cmoc_acc"] = acc
+    sums.update(_by_kind("cmoc", terms, region_loss_w, kinds))
   return losses, sums
+
+
+def _by_kind(name: str, terms, loss_weight: Array, kinds: dict) -> dict:
+  """`{kind}_{name}_loss` and `_acc` sums of `terms` (a loss and an accuracy, or None)
+  over each kind's rows of `loss_weight` `[B, ...]`."""
+  out = {}
+  for kind, rows in kinds.items():
+    loss, acc = terms(loss_weight * rows[:, None])
+    out[f"{kind}_{name}_loss"] = loss
+    if acc is not None:
+      out[f"{kind}_{name}_acc"] = acc
+  return out
 
 
 def _replaced_fractions(x, pair_w, c: _Corruption, rtd_labels, r2d_labels) -> dict:
