@@ -164,8 +164,9 @@ VARIANTS = {
     "clean_unscored_detached": ("objective=electra", {"discriminator_scores_clean": False,
                                                       "generator_trains_embeddings": False}),
     # The same without global-norm clipping: with the generator's gradients in the clip
-    # (norm 6-14 throughout, every step clipped) the discriminator's steps are scaled by
-    # the generator's noise. Does the corrective MOC then leave its plateau on seed 1?
+    # (norm 5.7-14.4 from step 94 on, every step clipped) the discriminator's steps are
+    # scaled by the generator's noise. Does the corrective MOC then leave its plateau on
+    # seed 1? (No: findings 2026-12-05, morning.)
     "clean_unscored_detached_noclip": ("objective=electra", {
         "discriminator_scores_clean": False, "generator_trains_embeddings": False,
         "optimizer.grad_clip_norm": 0.0}),
