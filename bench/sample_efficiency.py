@@ -91,6 +91,10 @@ sys.path.insert(0, ROOT)
 # (no clean hold). The variants measured against that default keep it, so each still
 # trains what its lines in the results record.
 NO_HOLD = config_lib.NO_CLEAN_HOLD
+# The default's hold with neither of its extras: no one-class RTD/R2D target on the clean
+# pairs, and the generator off the shared embeddings (two variants below).
+CLEAN_UNSCORED_DETACHED = {"discriminator_scores_clean": False,
+                           "generator_trains_embeddings": False}
 
 VARIANTS = {
     # name: (configs/pretrain.py argument string, field overrides)
@@ -161,15 +165,13 @@ VARIANTS = {
     # LM/MOC and ITM on the clean masked pair) and the generator trains only its own
     # layers. At `mlm`'s level, the two extras together keep the hold below it; at the
     # default's, what is left (the generator in the global-norm clip, 8% fewer steps).
-    "clean_unscored_detached": ("objective=electra", {"discriminator_scores_clean": False,
-                                                      "generator_trains_embeddings": False}),
+    "clean_unscored_detached": ("objective=electra", CLEAN_UNSCORED_DETACHED),
     # The same without global-norm clipping: with the generator's gradients in the clip
     # (norm 5.7-14.4 from step 94 on, every step clipped) the discriminator's steps are
     # scaled by the generator's noise. Does the corrective MOC then leave its plateau on
     # seed 1? (No: findings 2026-12-05, morning.)
-    "clean_unscored_detached_noclip": ("objective=electra", {
-        "discriminator_scores_clean": False, "generator_trains_embeddings": False,
-        "optimizer.grad_clip_norm": 0.0}),
+    "clean_unscored_detached_noclip": ("objective=electra", {**CLEAN_UNSCORED_DETACHED,
+                                                             "optimizer.grad_clip_norm": 0.0}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),
