@@ -76,7 +76,7 @@ class JaxStep:
     self.config = config
     self.setup = setup_lib.build(config, SPECIAL_IDS, setup_lib.flat_mask_salience(config))
     self.step_fn = train_step.make_train_step(self.setup)
-    self.state = setup_lib.init_state(self.setup, config.seed)
+    self.state = setup_lib.init_state(self.setup, setup_lib.parameter_seed(config))
     with self._context():
       self.batch = setup_lib.to_global(random_batch(config, seed=seed), self.setup.mesh)
       start = time.perf_counter()

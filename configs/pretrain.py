@@ -81,7 +81,8 @@ def get_config(arg=None):
     raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
   hidden, heads, mlp, l_layers, r_layers, x_layers = SIZES[size]
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # data order, the step's randomness (masks, samples) and, unless init_seed, the parameters
+  c.init_seed = -1  # >= 0: draw the initial parameters from this seed instead (the rest keeps `seed`)
   c.objective = args.get("objective", "electra")
   c.batch_size = 64  # global, over all processes and devices
   c.total_steps = 20_000

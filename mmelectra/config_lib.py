@@ -166,6 +166,7 @@ _SHARED_RULES = (
 )
 
 PRETRAIN_RULES = _SHARED_RULES + (
+    ("init_seed", *_either(_count(0), _one_of(-1))),  # -1: the parameters follow `seed`
     ("objective", *_one_of("electra", "mlm")),
     ("mask_count", *_one_of("ceil", "stochastic")),
     ("text_mask_weighting", *_one_of("uniform", "salience")),

@@ -157,6 +157,15 @@ def _init_state(rng, *, model, tx, config):
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params)}
 
 
+def parameter_seed(config) -> int:
+  """The seed of the initial parameters: `init_seed` where set (>= 0), else `seed`.
+
+  Apart so that a study can cross the two: the same data order and masks from other initial
+  weights, or the reverse.
+  """
+  return config.seed if config.init_seed < 0 else config.init_seed
+
+
 def init_state(setup: Setup, seed: int) -> dict:
   """Initialises parameters directly into their shards (no full copy on one device)."""
   init_fn = functools.partial(_init_state, model=setup.model, tx=setup.tx, config=setup.config)

@@ -53,7 +53,7 @@ def train_and_evaluate(config, workdir: str, strict: bool = False) -> dict:
   manager = loop.open_manager(run)
 
   def init():
-    state = setup_lib.init_state(setup, config.seed)
+    state = setup_lib.init_state(setup, setup_lib.parameter_seed(config))
     if config.init_from:
       state["params"], report = workdir_lib.load_pretrained_params(config.init_from, state["params"])
       workdir_lib.write_init_report(report, workdir)

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import SPECIAL_IDS, micro_config
 from mmelectra import checkpoint
+from mmelectra import config_lib
+from mmelectra import errors
 from mmelectra import setup as setup_lib
 from mmelectra import workdir as workdir_lib
 
@@ -266,3 +268,22 @@ def test_unknown_config_key_is_an_error_naming_it():
           config.debug_nan_steps) == ("runs/x", 5, 3, "4,6")
   with pytest.raises(Exception, match="checkpoint_evry"):
     _parse_cli_config(base + ["--config.checkpoint_evry=5"])
+
+
+def test_init_seed_draws_the_parameters_and_leaves_the_rest_to_seed():
+  from conftest import ROOT
+  base = ["mmelectra", f"--config={ROOT}/configs/pretrain.py:size=tiny"]
+  config = _parse_cli_config(base + ["--config.seed=1"])
+  assert (config.init_seed, setup_lib.parameter_seed(config)) == (-1, 1)
+  config = _parse_cli_config(base + ["--config.seed=1", "--config.init_seed=2"])
+  assert (config.seed, setup_lib.parameter_seed(config)) == (1, 2)
+  with pytest.raises(errors.InvalidInput, match="init_seed"):
+    config_lib.validate(_parse_cli_config(base + ["--config.init_seed=-2"]))
+  # A run saved before the key existed reads as unset: its parameters followed `seed`.
+  import json
+  from configs import pretrain
+  raw = pretrain.get_config("size=tiny").to_dict()
+  raw["logical_axis_rules"] = [list(r) for r in raw["logical_axis_rules"]]
+  raw["seed"] = 3
+  del raw["init_seed"]
+  assert setup_lib.parameter_seed(config_lib.from_saved(json.loads(json.dumps(raw)))) == 3
