@@ -172,6 +172,12 @@ VARIANTS = {
     # seed 1? (No: findings 2026-12-05, morning.)
     "clean_unscored_detached_noclip": ("objective=electra", {**CLEAN_UNSCORED_DETACHED,
                                                              "optimizer.grad_clip_norm": 0.0}),
+    # The same with the corrective MOC at weight 3: its plateau near 3.8 (in the hold, from
+    # about step 300) decides whether the hold binds colour, and which runs stay on it
+    # depends on the seed and initialisation together (findings 2026-12-05, late morning).
+    # Does a larger share of the gradient for the MOC get every run off it?
+    "clean_unscored_detached_cmoc3": ("objective=electra", {**CLEAN_UNSCORED_DETACHED,
+                                                            "loss_weights.cmoc": 3.0}),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),
@@ -608,7 +614,7 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
             for variant in ("electra", "no_hold", "warm_start_clean_long", "warm_start_clean",
                             "electra_tied", "clean_unscored", "clean_floor", "hold_all",
                             "generator_detached", "clean_unscored_detached",
-                            "clean_unscored_detached_noclip")
+                            "clean_unscored_detached_noclip", "clean_unscored_detached_cmoc3")
             if variant == "electra" or variant in data
             for name, key in names]
   print("RESULT " + " ".join(fields))
