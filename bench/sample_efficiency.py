@@ -178,6 +178,12 @@ VARIANTS = {
     # Does a larger share of the gradient for the MOC get every run off it?
     "clean_unscored_detached_cmoc3": ("objective=electra", {**CLEAN_UNSCORED_DETACHED,
                                                             "loss_weights.cmoc": 3.0}),
+    # The same with MOC `regress` (both MOC heads; in the hold the generator's is off the
+    # shared parameters, so there only the corrective MOC's target changes): the plateau is
+    # a shape-only guess among the batch's regions, and the contrastive target is an
+    # embedding the same losses train; the region's own features are a fixed target whose
+    # colour cannot be left out. Does it bind colour on the seeds that stay on the plateau?
+    "clean_unscored_detached_regress": ("objective=electra,moc=regress", CLEAN_UNSCORED_DETACHED),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),
@@ -614,7 +620,8 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
             for variant in ("electra", "no_hold", "warm_start_clean_long", "warm_start_clean",
                             "electra_tied", "clean_unscored", "clean_floor", "hold_all",
                             "generator_detached", "clean_unscored_detached",
-                            "clean_unscored_detached_noclip", "clean_unscored_detached_cmoc3")
+                            "clean_unscored_detached_noclip", "clean_unscored_detached_cmoc3",
+                            "clean_unscored_detached_regress")
             if variant == "electra" or variant in data
             for name, key in names]
   print("RESULT " + " ".join(fields))
