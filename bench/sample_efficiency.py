@@ -315,15 +315,20 @@ def host_info() -> dict:
           "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
+def same_run(workdir: str, config, flag: str) -> None:
+  """Checks that the run stored in `workdir` is this variant's, seed's and budget's."""
+  stored = workdir_lib.load_config(workdir)  # FileNotFoundError naming the path if it is no run
+  for key in ("objective", "total_steps", "seed", "batch_size"):
+    if stored.get(key) != config[key]:
+      raise ValueError(f"{flag}: {workdir} was trained with {key}={stored.get(key)!r}, "
+                       f"this variant, seed, budget and --evals give {config[key]!r}")
+
+
 def finished_run(workdir: str, config, expected_steps: list[int]) -> None:
   """Checks that `workdir` holds a finished run of `config` with a checkpoint at every
   evaluation point (for `--reevaluate`), before any evaluation is spent on it."""
   from etils import epath
-  stored = workdir_lib.load_config(workdir)  # FileNotFoundError naming the path if it is no run
-  for key in ("objective", "total_steps", "seed", "batch_size"):
-    if stored.get(key) != config[key]:
-      raise ValueError(f"--reevaluate: {workdir} was trained with {key}={stored.get(key)!r}, "
-                       f"this variant, seed, budget and --evals give {config[key]!r}")
+  same_run(workdir, config, "--reevaluate")
   directory = epath.Path(workdir_lib.checkpoint_dir(workdir))
   steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
   if steps != expected_steps:
@@ -331,7 +336,7 @@ def finished_run(workdir: str, config, expected_steps: list[int]) -> None:
 
 
 def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root: str,
-        results_dir: str, reevaluate: bool = False) -> dict:
+        results_dir: str, reevaluate: bool = False, resume: bool = False) -> dict:
   from mmelectra import evaluate, finetune, train
   from mmelectra.data import datasets
 
@@ -341,17 +346,25 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
   workdir = os.path.join(workdir_root, name)
   host = host_info()
   expected = [interval * (i + 1) for i in range(evals)]
+  resumed = False
   if reevaluate:
     finished_run(workdir, config, expected)
     print(f"{name}: evaluating the {config.total_steps}-step run in {workdir} again", flush=True)
     data_seconds = train_call_seconds = load_after_train = None
   else:
     if os.path.exists(workdir):
-      # Always a fresh run: a resumed one would time a second compile and repeat steps.
       if os.listdir(workdir) and not os.path.exists(os.path.join(workdir, "config.json")):
         raise FileExistsError(f"{workdir} exists and is not a run directory; remove it")
-      shutil.rmtree(workdir)
-    print(f"{name}: {config.total_steps} steps of {step_flops / 1e12:.4f} TFLOPs "
+      if resume and os.listdir(workdir):
+        # Training continues from the run's last checkpoint, as `mmelectra train` does
+        # (bit-identical to an uninterrupted run); its timing then spans two processes.
+        same_run(workdir, config, "--resume")
+        resumed = True
+      else:
+        # A fresh run by default: a resumed one times a second compile.
+        shutil.rmtree(workdir)
+    print(f"{name}: {'resuming ' if resumed else ''}{config.total_steps} steps of "
+          f"{step_flops / 1e12:.4f} TFLOPs "
           f"({config.total_steps * step_flops / 1e12:.1f} of {budget_tflops:g} TFLOPs), "
           f"evaluation every {interval} steps, workdir {workdir}", flush=True)
     start = time.perf_counter()
@@ -396,6 +409,7 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
       "variant": variant, "seed": seed, "budget_tflops": budget_tflops, "evals": evals,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "reevaluated": reevaluate,  # training from an earlier call, evaluation from this one
+      "resumed": resumed,  # training continued an earlier call's run: its timing spans both
       "host": {**host, "loadavg_1m_after_train": load_after_train},
       "protocol": protocol(budget_tflops),
       "config": {
@@ -712,6 +726,10 @@ def main():
   parser.add_argument("--reevaluate", action="store_true",
                       help="evaluate the finished run of --variant/--seed/--budget_tflops/--evals "
                       "under --workdir_root again (current protocol) instead of training it")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue the run of --variant/--seed/--budget_tflops/--evals under "
+                      "--workdir_root from its last checkpoint (after a crash or kill) instead "
+                      "of starting it afresh; the line records \"resumed\": true")
   parser.add_argument("--vqa_from_random", default="",
                       help="a pretraining workdir: run the same VQA probe from random init of its "
                       "architecture (the floor every pretrained point is compared with)")
@@ -723,6 +741,8 @@ def main():
     return
   if args.variant is None and not args.vqa_from_random:
     parser.error("--variant is required (or --report, --vqa_from_random)")
+  if args.resume and args.reevaluate:
+    parser.error("--resume continues training a run, --reevaluate only evaluates a finished one")
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # as `mmelectra train`: no per-save INFO lines
@@ -737,7 +757,7 @@ def main():
     vqa_from_random(os.path.abspath(args.vqa_from_random), args.seed, workdir_root, results_dir)
     return
   run(args.variant, args.seed, args.budget_tflops or DEFAULT_BUDGET_TFLOPS, args.evals,
-      workdir_root, results_dir, reevaluate=args.reevaluate)
+      workdir_root, results_dir, reevaluate=args.reevaluate, resume=args.resume)
 
 
 if __name__ == "__main__":
