@@ -183,6 +183,10 @@ VARIANTS = {
     # a shape-only guess among the batch's regions, and the contrastive target is an
     # embedding the same losses train; the region's own features are a fixed target whose
     # colour cannot be left out. Does it bind colour on the seeds that stay on the plateau?
+    # Not answered: its smooth-L1, summed over the feature axis (70-134 here against 0.7-5
+    # for every other loss), held the corrective LM at 0.38 where weight-1 runs read
+    # 0.65-0.69, so the seed-1 half run was stopped at step 530 (findings 2026-12-05,
+    # late morning). A fair test scales that loss down first.
     "clean_unscored_detached_regress": ("objective=electra,moc=regress", CLEAN_UNSCORED_DETACHED),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
