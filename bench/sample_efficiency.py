@@ -108,6 +108,8 @@ VARIANTS = {
     "mlm_salience": ("objective=mlm", {"text_mask_weighting": "salience"}),
     "no_r2d": ("objective=electra", {**NO_HOLD, "loss_weights.r2d": 0.0}),
     "no_rtd": ("objective=electra", {**NO_HOLD, "loss_weights.rtd": 0.0}),
+    # Its study lines (2026-11-27 and before) summed the smooth-L1 over the feature axis;
+    # the loss is averaged over it since 2026-12-05.
     "moc_regress": ("objective=electra,moc=regress", NO_HOLD),
     # Each part of the default's grounding off (docs/method.md §9).
     "no_salience": ("objective=electra", {**NO_HOLD, "text_mask_weighting": "uniform"}),
@@ -186,7 +188,8 @@ VARIANTS = {
     # Not answered: its smooth-L1, summed over the feature axis (70-134 here against 0.7-5
     # for every other loss), held the corrective LM at 0.38 where weight-1 runs read
     # 0.65-0.69, so the seed-1 half run was stopped at step 530 (findings 2026-12-05,
-    # late morning). A fair test scales that loss down first.
+    # late morning). Since 2026-12-05 (midday) the smooth-L1 is averaged over the feature
+    # axis, LXMERT's reduction: this variant's runs from then on are that fair test.
     "clean_unscored_detached_regress": ("objective=electra,moc=regress", CLEAN_UNSCORED_DETACHED),
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.

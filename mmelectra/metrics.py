@@ -38,9 +38,14 @@ def sigmoid_cross_entropy(logits: Array, labels: Array, weights: Array) -> tuple
 
 
 def smooth_l1(pred: Array, target: Array, weights: Array, beta: float = 1.0) -> tuple[Array, Array]:
-  """Smooth-L1 summed over the feature axis, weighted per position."""
+  """Smooth-L1 averaged over the feature axis, weighted per position.
+
+  The mean over features is LXMERT's reduction for its feature regression; a sum grows
+  with the feature width (70-134 for 16x16x3 crops, against 0.7-5 for every other loss)
+  and swamps the losses it is added to (docs/findings.md, 2026-12-05).
+  """
   diff = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
-  loss = jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta).sum(axis=-1)
+  loss = jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta).mean(axis=-1)
   return (loss * weights).sum(), weights.sum()
 
 
