@@ -54,6 +54,11 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
                 are `mlm`'s, and the generator trains only its own layers
   clean_unscored_detached_noclip  the same without global-norm gradient clipping
                 (optimizer.grad_clip_norm=0)
+  clean_unscored_detached_cmoc3  clean_unscored_detached with the corrective MOC at
+                weight 3 (loss_weights.cmoc=3)
+  clean_unscored_detached_regress  clean_unscored_detached with MOC `regress`
+  mlm_moc3      mlm with its MOC at weight 3 (loss_weights.moc=3): the baseline given the
+                help clean_unscored_detached_cmoc3 gives the hold
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -106,6 +111,11 @@ VARIANTS = {
     "mlm": ("objective=mlm", {}),
     # The baseline with the default's word masking, so a comparison isolates the objective.
     "mlm_salience": ("objective=mlm", {"text_mask_weighting": "salience"}),
+    # The baseline's MOC at weight 3, as clean_unscored_detached_cmoc3 weights the hold's
+    # corrective MOC (the same task on the same clean pairs): `mlm`'s MOC stays on the
+    # same shape-only plateau on some seeds (seed 3, findings 2026-12-05, late morning),
+    # so a fair comparison gives the baseline the same help.
+    "mlm_moc3": ("objective=mlm", {"loss_weights.moc": 3.0}),
     "no_r2d": ("objective=electra", {**NO_HOLD, "loss_weights.r2d": 0.0}),
     "no_rtd": ("objective=electra", {**NO_HOLD, "loss_weights.rtd": 0.0}),
     # Its study lines (2026-11-27 and before) summed the smooth-L1 over the feature axis;
