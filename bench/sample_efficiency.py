@@ -13,8 +13,18 @@ kept at `--evals` equal fractions of the budget and appends one JSON line to
 and evaluates its checkpoints again under the current protocol, appending a new line:
 for when the evaluation protocol changes (as the VQA probe's did), not the training.
 
-Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks the region mode):
-  electra       the method as configured by default: per-modality generator + RTD + R2D + ITM, MOC `sample`
+Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks the region mode).
+Each ablation is measured against the default of its day, and VARIANTS pins that default's
+values so it still trains what its lines record: from `no_r2d` to `warm_start` "electra"
+below means `no_hold`, from `warm_start_clean` to `clean_unscored_detached_regress` it
+means `first_hold`.
+  electra       the method as configured by default: per-modality generator, a clean hold
+                on the baseline's task for half the run (RTD/R2D not scoring it, the
+                generator off the shared embeddings, corrective MOC at weight 3), then
+                ELECTRA's corrupted pairs: RTD + R2D + ITM + corrective LM/MOC, MOC `sample`
+  first_hold    the default of 2026-12-04/05: the same hold with RTD/R2D scoring the clean
+                pairs, the generator training the shared embeddings, corrective MOC at 1
+  no_hold       the default before 2026-12-04: first_hold without the clean hold
   electra_crossmodal  electra with the generator reading both modalities (`generator=crossmodal`)
   electra_tied  electra with the tied generator (`generator=tied`), see docs/findings.md
   mlm           the LXMERT-style baseline (no generator): MLM + MOC + ITM on the encoder
@@ -54,11 +64,11 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
                 are `mlm`'s, and the generator trains only its own layers
   clean_unscored_detached_noclip  the same without global-norm gradient clipping
                 (optimizer.grad_clip_norm=0)
-  clean_unscored_detached_cmoc3  clean_unscored_detached with the corrective MOC at
-                weight 3 (loss_weights.cmoc=3)
   clean_unscored_detached_regress  clean_unscored_detached with MOC `regress`
+  (clean_unscored_detached with the corrective MOC at weight 3 is today's `electra`; its
+  lines were recorded as `clean_unscored_detached_cmoc3` until it became the default)
   mlm_moc3      mlm with its MOC at weight 3 (loss_weights.moc=3): the baseline given the
-                help clean_unscored_detached_cmoc3 gives the hold
+                help the default gives its hold
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -92,27 +102,36 @@ from mmelectra import workdir as workdir_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The first default with a clean hold (2026-12-04 to 2026-12-05): RTD/R2D also score the
+# hold's clean pairs (every target "original"), the generator's MLM/MOC train the shared
+# embeddings, the corrective MOC at weight 1. The variants measured against that default
+# keep it, so each still trains what its lines in the results record.
+FIRST_HOLD = {"discriminator_scores_clean": True, "generator_trains_embeddings": True,
+              "loss_weights.cmoc": 1.0}
 # The per-modality default before 2026-12-04: every example corrupted from the first step
-# (no clean hold). The variants measured against that default keep it, so each still
-# trains what its lines in the results record.
-NO_HOLD = config_lib.NO_CLEAN_HOLD
-# The default's hold with neither of its extras: no one-class RTD/R2D target on the clean
+# (no clean hold), with the first hold's generator and corrective MOC weight.
+NO_HOLD = {**config_lib.NO_CLEAN_HOLD, **FIRST_HOLD}
+# The first hold with neither of its extras: no one-class RTD/R2D target on the clean
 # pairs, and the generator off the shared embeddings (two variants below).
-CLEAN_UNSCORED_DETACHED = {"discriminator_scores_clean": False,
+CLEAN_UNSCORED_DETACHED = {**FIRST_HOLD, "discriminator_scores_clean": False,
                            "generator_trains_embeddings": False}
 
 VARIANTS = {
     # name: (configs/pretrain.py argument string, field overrides)
+    # The default (since 2026-12-05 evening; its lines before then were recorded as
+    # `clean_unscored_detached_cmoc3`, the same config).
     "electra": ("objective=electra", {}),
-    # The default without its clean hold (the default until 2026-12-04; its lines before
+    # The default from 2026-12-04 to 2026-12-05 (its lines then were recorded as `electra`).
+    "first_hold": ("objective=electra", FIRST_HOLD),
+    # The default without a clean hold (the default until 2026-12-04; its lines before
     # then were recorded as `electra`).
     "no_hold": ("objective=electra", NO_HOLD),
     "electra_crossmodal": ("objective=electra,generator=crossmodal", {}),
     "mlm": ("objective=mlm", {}),
     # The baseline with the default's word masking, so a comparison isolates the objective.
     "mlm_salience": ("objective=mlm", {"text_mask_weighting": "salience"}),
-    # The baseline's MOC at weight 3, as clean_unscored_detached_cmoc3 weights the hold's
-    # corrective MOC (the same task on the same clean pairs): `mlm`'s MOC stays on the
+    # The baseline's MOC at weight 3, as the default weights the hold's corrective MOC (the
+    # same task on the same clean pairs): `mlm`'s MOC stays on the
     # same shape-only plateau on some seeds (seed 3, findings 2026-12-05, late morning),
     # so a fair comparison gives the baseline the same help.
     "mlm_moc3": ("objective=mlm", {"loss_weights.moc": 3.0}),
@@ -150,33 +169,33 @@ VARIANTS = {
     # The same by whole examples (every pair clean, then fewer), the clean pairs' words
     # masked uniformly: the held phase is the baseline's own task, masking included
     # (salience masking costs the baseline its MOC; docs/findings.md, 2026-12-04).
-    "warm_start_clean": ("objective=electra", {
+    "warm_start_clean": ("objective=electra", {**FIRST_HOLD,
         "discriminator_clean_fraction": 1.0, "discriminator_clean_uniform_masking": True,
         "discriminator_mask_hold_steps": 450, "discriminator_mask_decay_steps": 450}),
     # Twice the held phase: if VQA rises towards `mlm`'s, the ELECTRA phase costs more than
     # it adds at this budget; if it falls, the hand-over is what earns the FLOPs.
-    "warm_start_clean_long": ("objective=electra", {
+    "warm_start_clean_long": ("objective=electra", {**FIRST_HOLD,
         "discriminator_clean_fraction": 1.0, "discriminator_clean_uniform_masking": True,
         "discriminator_mask_hold_steps": 900, "discriminator_mask_decay_steps": 450}),
-    # The default with the clean examples out of RTD/R2D: in the hold their every target is
+    # The first hold with the clean examples out of RTD/R2D: in the hold their every target is
     # "original", which the demo's hold grounds without (docs/findings.md, 2026-12-04 (late)).
-    "clean_unscored": ("objective=electra", {"discriminator_scores_clean": False}),
-    # The default whose hand-over stops at a quarter of the examples clean: does the
+    "clean_unscored": ("objective=electra", {**FIRST_HOLD, "discriminator_scores_clean": False}),
+    # The first hold whose hand-over stops at a quarter of the examples clean: does the
     # baseline's task beside ELECTRA's keep what the hold grounded (docs/findings.md,
     # 2026-12-04 (late night))?
-    "clean_floor": ("objective=electra", {"discriminator_clean_floor": 0.25}),
-    # The default whose hold never ends: every pair clean, the baseline's task, for the
+    "clean_floor": ("objective=electra", {**FIRST_HOLD, "discriminator_clean_floor": 0.25}),
+    # The first hold whose hold never ends: every pair clean, the baseline's task, for the
     # whole run (the generator still trains beside it, unread). The control for the
-    # ELECTRA phase: at or above the default, that phase adds nothing at this budget.
-    "hold_all": ("objective=electra", {"discriminator_mask_hold_steps": 10 ** 9}),
-    # The default with the generator reading the shared embeddings through a stop-gradient:
+    # ELECTRA phase: at or above first_hold, that phase adds nothing at this budget.
+    "hold_all": ("objective=electra", {**FIRST_HOLD, "discriminator_mask_hold_steps": 10 ** 9}),
+    # The first hold with the generator reading the shared embeddings through a stop-gradient:
     # in the hold its salience-masked MLM and MOC no longer train the embeddings the
     # baseline's task reads. Is that what keeps the hold below `mlm`?
-    "generator_detached": ("objective=electra", {"generator_trains_embeddings": False}),
+    "generator_detached": ("objective=electra", {**FIRST_HOLD, "generator_trains_embeddings": False}),
     # Both together: in the hold the discriminator's losses are then `mlm`'s (corrective
     # LM/MOC and ITM on the clean masked pair) and the generator trains only its own
-    # layers. At `mlm`'s level, the two extras together keep the hold below it; at the
-    # default's, what is left (the generator in the global-norm clip, 8% fewer steps).
+    # layers. At `mlm`'s level, the two extras together keep the hold below it; at
+    # first_hold's, what is left (the generator in the global-norm clip, 8% fewer steps).
     "clean_unscored_detached": ("objective=electra", CLEAN_UNSCORED_DETACHED),
     # The same without global-norm clipping: with the generator's gradients in the clip
     # (norm 5.7-14.4 from step 94 on, every step clipped) the discriminator's steps are
@@ -184,12 +203,6 @@ VARIANTS = {
     # seed 1? (No: findings 2026-12-05, morning.)
     "clean_unscored_detached_noclip": ("objective=electra", {**CLEAN_UNSCORED_DETACHED,
                                                              "optimizer.grad_clip_norm": 0.0}),
-    # The same with the corrective MOC at weight 3: its plateau near 3.8 (in the hold, from
-    # about step 300) decides whether the hold binds colour, and which runs stay on it
-    # depends on the seed and initialisation together (findings 2026-12-05, late morning).
-    # Does a larger share of the gradient for the MOC get every run off it?
-    "clean_unscored_detached_cmoc3": ("objective=electra", {**CLEAN_UNSCORED_DETACHED,
-                                                            "loss_weights.cmoc": 3.0}),
     # The same with MOC `regress` (both MOC heads; in the hold the generator's is off the
     # shared parameters, so there only the corrective MOC's target changes): the plateau is
     # a shape-only guess among the batch's regions, and the contrastive target is an
@@ -225,6 +238,9 @@ DEFAULT_BUDGET_TFLOPS = 140.0
 RESULTS_FILE = "sample_efficiency.jsonl"
 # Metrics the report tabulates and plots: (key, label).
 HEADLINE = (("retrieval_r1", "zero-shot R@1"), ("itm_acc", "ITM acc"), ("vqa_acc", "VQA acc"))
+# The report's reference runs: every other variant's FLOPs to reach their final scores.
+# `mlm_moc3` is `mlm` with the help the default's hold gets (its MOC at weight 3).
+BASELINES = ("mlm", "mlm_moc3")
 
 
 # --- the run's configs ---------------------------------------------------------------------
@@ -250,6 +266,19 @@ def base_config(variant: str, seed: int):
   for key, value in overrides.items():
     _set(config, key, value)
   return config
+
+
+def config_summary(config, step_flops: float) -> dict:
+  """What a results line records of its run's config."""
+  return {
+      "objective": config.objective, "moc_mode": config.model.moc_mode,
+      "loss_weights": config.loss_weights.to_dict(), "size": SIZE,
+      "hidden_size": config.model.hidden_size, "batch_size": config.batch_size,
+      "total_steps": config.total_steps, "warmup_steps": config.optimizer.warmup_steps,
+      "learning_rate": config.optimizer.learning_rate, "step_tflops": step_flops / 1e12,
+      "data": {k: config.data[k] for k in ("name", "num_train", "num_validation", "num_test",
+                                           "regions", "image_size", "seed")},
+  }
 
 
 def plan_steps(max_steps: int, evals: int) -> tuple[int, int]:
@@ -429,15 +458,7 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
       "resumed": resumed,  # training continued an earlier call's run: its timing spans both
       "host": {**host, "loadavg_1m_after_train": load_after_train},
       "protocol": protocol(budget_tflops),
-      "config": {
-          "objective": config.objective, "moc_mode": config.model.moc_mode,
-          "loss_weights": config.loss_weights.to_dict(), "size": SIZE,
-          "hidden_size": config.model.hidden_size, "batch_size": config.batch_size,
-          "total_steps": config.total_steps, "warmup_steps": config.optimizer.warmup_steps,
-          "learning_rate": config.optimizer.learning_rate, "step_tflops": step_flops / 1e12,
-          "data": {k: config.data[k] for k in ("name", "num_train", "num_validation", "num_test",
-                                               "regions", "image_size", "seed")},
-      },
+      "config": config_summary(config, step_flops),
       "timing": {
           "data_prepare_seconds": data_seconds,
           "train_call_seconds": train_call_seconds,  # data, compile, loop, final save
@@ -551,6 +572,42 @@ def _ratio_text(ratio: float | None, bound: bool) -> str:
   return f"<= {ratio:.2f}" if bound else f"{ratio:.2f}"
 
 
+def ratio_table(data: dict, baseline: str, proto: dict) -> tuple[list[str], dict]:
+  """The report's section on the FLOPs each variant takes to reach `baseline`'s final
+  scores: (markdown lines, {(variant, key): (ratio or None, ratio is an upper bound)})."""
+  lines = ["", f"## FLOPs to reach the `{baseline}` baseline's final score", ""]
+  if baseline not in data:
+    return lines + [f"No `{baseline}` run yet."], {}
+  base = data[baseline]["points"][-1]
+  base_flops = base["flops"][0]
+  chance = 1 / proto["retrieval_pool"]
+  warn = (f" **The baseline's R@1 is at chance ({chance:.3f}): its R@1 ratio says nothing.**"
+          if base["retrieval_r1"][0] <= chance * 1.5 else "")
+  lines += [f"Baseline (`{baseline}`, final point, mean over seeds [min, max]): "
+            + ", ".join(f"{label} {_cell(base[key])}" for key, label in HEADLINE)
+            + f" at {base_flops / 1e12:.1f} TFLOPs.{warn} Each cell: the "
+            "fraction of those FLOPs at which the variant's mean curve first reaches the "
+            "baseline's final mean (linear between evaluation points; `<=` when its first "
+            "point already does). Target for `electra`: <= 0.5. A metric whose seed spread is "
+            "wide against the gap it measures says little; the baseline's spread (max - min) "
+            "is " + ", ".join(f"{base[key][2] - base[key][1]:.3f} ({label})" for key, label in HEADLINE)
+            + ".", "",
+            "| variant | " + " | ".join(label for _, label in HEADLINE) + " |",
+            "|---" * (1 + len(HEADLINE)) + "|"]
+  ratios = {}
+  for variant, c in data.items():
+    if variant in BASELINES:
+      continue
+    cells = []
+    for key, _ in HEADLINE:
+      x, bound = flops_to_reach(c, key, base[key][0])
+      ratio = None if x is None else x / base_flops
+      ratios[(variant, key)] = (ratio, bound)
+      cells.append(_ratio_text(ratio, bound))
+    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+  return lines, ratios
+
+
 def report(results_dir: str, budget_tflops: float | None) -> dict:
   runs, note = load_runs(results_dir, budget_tflops)
   data = curves(runs)
@@ -591,37 +648,9 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
               f"seeds {','.join(str(r['seed']) for r in random_init)}): "
               f"{floors['vqa_acc']:.3f} (dotted line in the plot)."]
   ratios = {}
-  lines += ["", "## FLOPs to reach the `mlm` baseline's final score", ""]
-  if "mlm" in data:
-    base = data["mlm"]["points"][-1]
-    base_flops = base["flops"][0]
-    chance = 1 / proto["retrieval_pool"]
-    warn = (f" **The baseline's R@1 is at chance ({chance:.3f}): its R@1 ratio says nothing.**"
-            if base["retrieval_r1"][0] <= chance * 1.5 else "")
-    lines += [f"Baseline (`mlm`, final point, mean over seeds [min, max]): "
-              + ", ".join(f"{label} {_cell(base[key])}" for key, label in HEADLINE)
-              + f" at {base_flops / 1e12:.1f} TFLOPs.{warn} Each cell: the "
-              "fraction of those FLOPs at which the variant's mean curve first reaches the "
-              "baseline's final mean (linear between evaluation points; `<=` when its first "
-              "point already does). Target for `electra`: <= 0.5. A metric whose seed spread is "
-              "wide against the gap it measures says little; the baseline's spread (max - min) "
-              "is " + ", ".join(f"{base[key][2] - base[key][1]:.3f} ({label})" for key, label in HEADLINE)
-              + ".", "",
-              "| variant | " + " | ".join(label for _, label in HEADLINE) + " |",
-              "|---" * (1 + len(HEADLINE)) + "|"]
-    for variant, c in data.items():
-      if variant == "mlm":
-        continue
-      cells = []
-      for key, _ in HEADLINE:
-        x, bound = flops_to_reach(c, key, base[key][0])
-        ratio = None if x is None else x / base_flops
-        ratios[(variant, key)] = (ratio, bound)
-        cells.append(_ratio_text(ratio, bound))
-      lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-  else:
-    lines.append("No `mlm` run yet.")
-
+  for baseline in BASELINES:
+    table, ratios[baseline] = ratio_table(data, baseline, proto)
+    lines += table
   timing = ["", "## Timing", "", "| variant | seed | data prepare s | train call s | train s | "
             "pretrain eval s | VQA s | eval / train | host load (1 min, start / after train) |",
             "|---" * 9 + "|"]
@@ -647,14 +676,17 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
       return "n/a"
     return ">1.0" if r[0] is None else (f"<={r[0]:.3f}" if r[1] else f"{r[0]:.3f}")
   names = (("r1", "retrieval_r1"), ("itm", "itm_acc"), ("vqa", "vqa_acc"))
-  fields = [f"{variant}_flops_to_mlm_{name}={short(ratios.get((variant, key)))}"
-            for variant in ("electra", "no_hold", "warm_start_clean_long", "warm_start_clean",
-                            "electra_tied", "clean_unscored", "clean_floor", "hold_all",
-                            "generator_detached", "clean_unscored_detached",
-                            "clean_unscored_detached_noclip", "clean_unscored_detached_cmoc3",
-                            "clean_unscored_detached_regress")
+  fields = [f"{variant}_flops_to_mlm_{name}={short(ratios['mlm'].get((variant, key)))}"
+            for variant in ("electra", "first_hold", "no_hold", "warm_start_clean_long",
+                            "warm_start_clean", "electra_tied", "clean_unscored", "clean_floor",
+                            "hold_all", "generator_detached", "clean_unscored_detached",
+                            "clean_unscored_detached_noclip", "clean_unscored_detached_regress")
             if variant == "electra" or variant in data
             for name, key in names]
+  # The baseline given the default's help (its MOC at weight 3): the fair reference.
+  if "mlm_moc3" in data:
+    fields += [f"electra_flops_to_mlm_moc3_{name}={short(ratios['mlm_moc3'].get(('electra', key)))}"
+               for name, key in names]
   print("RESULT " + " ".join(fields))
   return ratios
 

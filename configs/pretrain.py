@@ -157,8 +157,10 @@ def get_config(arg=None):
   c.discriminator_clean_floor = 0.0
   # True: RTD/R2D also score the clean examples, where every word and region is the
   # original; False: those examples leave RTD/R2D (they still count in the corrective
-  # LM/MOC and ITM), so in the hold the discriminator heads get no one-class target.
-  c.discriminator_scores_clean = True
+  # LM/MOC and ITM), so in the hold the discriminator heads get no one-class target and
+  # the hold's losses are the baseline's (the per-modality default since 2026-12-05,
+  # docs/findings.md). Needs clean examples (discriminator_clean_fraction > 0).
+  c.discriminator_scores_clean = not per_modality
   c.discriminator_mask_hold_steps = c.get_ref("total_steps") // 2 if per_modality else 0
   c.discriminator_mask_decay_steps = c.get_ref("total_steps") // 4 if per_modality else 0
   # Share of the examples in which only one modality is corrupted: the other (the words in
@@ -170,10 +172,13 @@ def get_config(arg=None):
   c.region_temperature = 1.0
   # ELECTRA (sec. 3.2) lets the generator's MLM/MOC train the embeddings it shares with the
   # discriminator. False: the generator reads them through a stop-gradient and only the
-  # discriminator's losses train them (docs/method.md §9).
-  c.generator_trains_embeddings = True
-  # The per-modality default (docs/method.md §9, docs/findings.md 2026-12-02 "salience"):
-  # the corrective LM and MOC on, RTD reading the corrective LM, every loss at weight 1.
+  # discriminator's losses train them (docs/method.md §9); the per-modality default since
+  # 2026-12-05, so in the hold the shared embeddings learn the baseline's task alone.
+  c.generator_trains_embeddings = not per_modality
+  # The per-modality default (docs/method.md §9, docs/findings.md 2026-12-02 "salience",
+  # 2026-12-05): the corrective LM and MOC on, RTD reading the corrective LM, the
+  # corrective MOC at weight 3 (at 1 it stays on a shape-only plateau on some seeds and
+  # the hold then grounds no colour), every other loss at weight 1.
   disc_weight = 1.0 if (tied or per_modality) else 50.0
   corrective = 1.0 if per_modality else 0.0
   # clm: corrective LM on the discriminator (COCO-LM): at every masked text slot the
@@ -187,7 +192,7 @@ def get_config(arg=None):
   # the global batch (docs/method.md §9). 0 switches it off.
   c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=disc_weight,
                                                   rtd=disc_weight, itm=1.0, clm=corrective,
-                                                  cmoc=corrective, itc=0.0))
+                                                  cmoc=3.0 * corrective, itc=0.0))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4 if size in ("tiny", "small") else 1e-4,

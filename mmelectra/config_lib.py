@@ -18,7 +18,7 @@ from mmelectra.data import regions
 # default until 2026-12-04.
 NO_CLEAN_HOLD = {"discriminator_clean_fraction": 0.0, "discriminator_clean_uniform_masking": False,
                  "discriminator_mask_hold_steps": 0, "discriminator_mask_decay_steps": 0,
-                 "discriminator_clean_floor": 0.0}
+                 "discriminator_clean_floor": 0.0, "discriminator_scores_clean": True}
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -76,7 +76,6 @@ def upgrade(raw: dict) -> dict:
   raw.setdefault("generator_trains_embeddings", True)
   for name, value in NO_CLEAN_HOLD.items():
     raw.setdefault(name, value)
-  raw.setdefault("discriminator_scores_clean", True)
   return raw
 
 

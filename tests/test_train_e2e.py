@@ -59,7 +59,13 @@ def test_electra_losses_fall_and_evaluate_writes_json(data_dir, tmp_path):
   assert last["mlm_loss"] < 0.7 * first["mlm_loss"], (first["mlm_loss"], last["mlm_loss"])
   # RTD ranks replaced words better after 30 steps of corrupted pairs than at the hand-over.
   assert last["rtd_auc"] > rows[2]["rtd_auc"] + 0.05, (rows[2]["rtd_auc"], last["rtd_auc"])
-  assert last["loss"] < 0.9 * first["loss"], (first["loss"], last["loss"])
+  # The fusion encoder's own first signal, the corrective LM, falls across both phases.
+  assert last["clm_loss"] < 0.8 * first["clm_loss"], (first["clm_loss"], last["clm_loss"])
+  # The default leaves the clean pairs out of RTD/R2D, so the objective gains those terms at
+  # the hand-over and totals compare only within a phase (clean: steps 1-20; corrupted from
+  # step 31).
+  assert rows[1]["loss"] < rows[0]["loss"], (rows[0]["loss"], rows[1]["loss"])
+  assert last["loss"] < rows[3]["loss"], (rows[3]["loss"], last["loss"])
   step, metrics = evaluate.evaluate_workdir(workdir)
   assert step == 60
   with open(os.path.join(workdir, "eval", "step_60.json")) as f:
