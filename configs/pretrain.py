@@ -12,6 +12,9 @@ Argument string (comma separated, all optional):
                                 `crossmodal` (a narrow copy of the whole encoder) or `tied`
                                 (ELECTRA sec. 3.2: the discriminator's own encoder, ITM on
                                 its masked pass, discriminator weights 1)
+  hold=on|off                   the per-modality default's clean hold (docs/method.md §9):
+                                `off` corrupts every example from the first step, as the
+                                default did until 2026-12-04 (config_lib.NO_CLEAN_HOLD)
   runlocal                      shrink steps and data for a quick laptop run
 Every field can be overridden with `--config.key=value`; the dict is locked, so a
 mistyped key is an error naming it.
@@ -63,10 +66,15 @@ def _parse(arg):
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
     out[key.strip()] = value.strip() if value else True
-  unknown = set(out) - {"size", "objective", "regions", "moc", "generator", "runlocal"}
+  unknown = set(out) - {"size", "objective", "regions", "moc", "generator", "hold", "runlocal"}
   if unknown:
     raise ValueError(f"unknown config argument(s) {sorted(unknown)}; "
-                     "expected size, objective, regions, moc, generator, runlocal")
+                     "expected size, objective, regions, moc, generator, hold, runlocal")
+  if out.get("hold", "on") not in ("on", "off"):
+    raise ValueError(f"hold={out['hold']!r}; expected on or off")
+  if "hold" in out and (out.get("objective", "electra") != "electra"
+                        or out.get("generator", "per_modality") != "per_modality"):
+    raise ValueError("hold= is a setting of objective=electra with generator=per_modality")
   if out.get("generator", "per_modality") not in GENERATORS:
     raise ValueError(f"generator={out['generator']!r}; expected one of {GENERATORS}")
   if "generator" in out and out.get("objective", "electra") != "electra":
@@ -105,6 +113,7 @@ def get_config(arg=None):
   # plus `text_mask_salience_floor`), so the masks fall on the words the image decides
   # (colours, object nouns, relations) rather than on "a", "of", "the". "uniform": BERT's.
   per_modality = c.objective == "electra" and args.get("generator", "per_modality") == "per_modality"
+  held = per_modality and args.get("hold", "on") == "on"
   c.text_mask_weighting = "salience" if per_modality else "uniform"
   c.text_mask_salience_floor = 0.05
   # Masked positions per example: "ceil" = ceil(rate * valid), at least one (docs/method.md
@@ -149,8 +158,8 @@ def get_config(arg=None):
   # corrupted pair does not ground the encoder, the baseline's task does, and the
   # grounding survives the hand-over (docs/findings.md, 2026-12-04). The hold and decay
   # follow total_steps (set it, or a preset, and they move with it); a number overrides.
-  c.discriminator_clean_fraction = 1.0 if per_modality else 0.0
-  c.discriminator_clean_uniform_masking = per_modality
+  c.discriminator_clean_fraction = 1.0 if held else 0.0
+  c.discriminator_clean_uniform_masking = held
   # Where the clean share's schedule ends (0: every example corrupted after the
   # hand-over). A floor keeps the baseline's task on that share of the examples for the
   # rest of the run, beside ELECTRA's corrupted pairs; needs decay_steps > 0.
@@ -160,9 +169,9 @@ def get_config(arg=None):
   # LM/MOC and ITM), so in the hold the discriminator heads get no one-class target and
   # the hold's losses are the baseline's (the per-modality default since 2026-12-05,
   # docs/findings.md). Needs clean examples (discriminator_clean_fraction > 0).
-  c.discriminator_scores_clean = not per_modality
-  c.discriminator_mask_hold_steps = c.get_ref("total_steps") // 2 if per_modality else 0
-  c.discriminator_mask_decay_steps = c.get_ref("total_steps") // 4 if per_modality else 0
+  c.discriminator_scores_clean = not held
+  c.discriminator_mask_hold_steps = c.get_ref("total_steps") // 2 if held else 0
+  c.discriminator_mask_decay_steps = c.get_ref("total_steps") // 4 if held else 0
   # Share of the examples in which only one modality is corrupted: the other (the words in
   # half of them, the regions in the other half) reads unmasked, an intact witness, so a
   # replaced word can be told from the image it contradicts and a replaced region from

@@ -76,3 +76,25 @@ def test_the_default_is_its_variant_and_the_first_hold_is_pinned(study):
     other = pretrain.get_config(arg)
     assert other.generator_trains_embeddings is True, arg
     assert other.loss_weights.cmoc == 0.0, arg
+
+
+def test_hold_off_argument_gives_the_no_hold_fields(study):
+  from configs import pretrain
+  from mmelectra import config_lib
+
+  off = pretrain.get_config("objective=electra,hold=off,runlocal")
+  for key, value in config_lib.NO_CLEAN_HOLD.items():
+    assert off[key] == value, key
+  config_lib.validate(off)  # the five fields agree with each other: no "makes none" error
+  on = pretrain.get_config("objective=electra,hold=on,runlocal")
+  assert on.to_dict() == pretrain.get_config("objective=electra,runlocal").to_dict()
+  assert on.discriminator_clean_fraction == 1.0 and on.discriminator_mask_hold_steps > 0
+  # The study's no_hold is hold=off with the first hold's generator and corrective MOC.
+  no_hold = study.base_config("no_hold", 0)
+  for key in config_lib.NO_CLEAN_HOLD:
+    assert no_hold[key] == off[key], key
+  for arg, match in (("hold=maybe", "expected on or off"),
+                     ("objective=mlm,hold=off", "hold= is a setting"),
+                     ("generator=tied,hold=off", "hold= is a setting")):
+    with pytest.raises(ValueError, match=match):
+      pretrain.get_config(arg)
