@@ -44,16 +44,16 @@ def test_every_recorded_line_rebuilds_to_its_config(study):
     if key not in seen:
       config, step_flops, _ = study.run_config(line["variant"], line["seed"],
                                                line["budget_tflops"] * 1e12, line["evals"])
-      seen[key] = study.config_summary(config, step_flops)
-    # JSON round trip: the line holds what json wrote (floats, lists). A loss weight a line
-    # lacks is a loss its day did not have (as config_lib.upgrade reads old configs): 0.
-    recorded = json.loads(json.dumps(line["config"]))
-    recorded["loss_weights"] = {**{name: 0.0 for name in seen[key]["loss_weights"]},
-                                **recorded["loss_weights"]}
-    if json.loads(json.dumps(seen[key])) != recorded:
-      wrong.append((number, line["variant"], {
-          k: (v, recorded.get(k)) for k, v in json.loads(json.dumps(seen[key])).items()
-          if recorded.get(k) != v}))
+      # JSON round trip: the line holds what json wrote (floats, lists).
+      seen[key] = json.loads(json.dumps(study.config_summary(config, step_flops)))
+    rebuilt = seen[key]
+    # A loss weight a line lacks is a loss its day did not have (as config_lib.upgrade
+    # reads old configs): 0.
+    recorded = {**line["config"], "loss_weights": {
+        **{name: 0.0 for name in rebuilt["loss_weights"]}, **line["config"]["loss_weights"]}}
+    if rebuilt != recorded:
+      wrong.append((number, line["variant"],
+                    {k: (v, recorded.get(k)) for k, v in rebuilt.items() if recorded.get(k) != v}))
   assert not wrong, wrong
 
 
@@ -67,7 +67,7 @@ def test_the_default_is_its_variant_and_the_first_hold_is_pinned(study):
   assert default.discriminator_scores_clean is False
   assert default.generator_trains_embeddings is False
   assert default.loss_weights.cmoc == 3.0
-  first = dict(study.base_config("first_hold", 0).to_dict())
+  first = study.base_config("first_hold", 0).to_dict()
   assert (first["discriminator_scores_clean"], first["generator_trains_embeddings"],
           first["loss_weights"]["cmoc"]) == (True, True, 1.0)
   # The other generators and the baseline keep ELECTRA's sharing and no corrective MOC.
