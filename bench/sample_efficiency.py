@@ -69,6 +69,8 @@ means `first_hold`.
   lines were recorded as `clean_unscored_detached_cmoc3` until it became the default)
   mlm_moc3      mlm with its MOC at weight 3 (loss_weights.moc=3): the baseline given the
                 help the default gives its hold
+  cmoc_corrupted1  electra with the corrective MOC at weight 1 on the corrupted pairs
+                (cmoc_corrupted_weight=1; the clean pairs keep 3): the same hold
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -217,6 +219,11 @@ VARIANTS = {
     # ELECTRA sec. 3.2's tied generator (configs/pretrain.py generator=tied): ITM on its
     # masked pass, discriminator weights 1.
     "electra_tied": ("objective=electra,generator=tied", {}),
+    # The default with the corrective MOC at weight 3 on the clean pairs only (the hold's
+    # grounding signal) and at 1 on the corrupted ones, where it stays near chance: the
+    # hold is the default's, step for step; does the ELECTRA half get its R2D and matching
+    # back (docs/findings.md, 2026-12-05 (night))?
+    "cmoc_corrupted1": ("objective=electra", {"cmoc_corrupted_weight": 1.0}),
 }
 SIZE = "small"
 BATCH_SIZE = 64

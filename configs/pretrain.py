@@ -202,6 +202,10 @@ def get_config(arg=None):
   c.loss_weights = ml_collections.ConfigDict(dict(moc=1.0, mlm=1.0, r2d=disc_weight,
                                                   rtd=disc_weight, itm=1.0, clm=corrective,
                                                   cmoc=3.0 * corrective, itc=0.0))
+  # The corrective MOC's weight on the corrupted examples (the clean ones keep
+  # loss_weights.cmoc); -1: loss_weights.cmoc on every example. On a corrupted pair the
+  # corrective MOC stays near chance (docs/method.md §9).
+  c.cmoc_corrupted_weight = -1.0
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4 if size in ("tiny", "small") else 1e-4,

@@ -74,6 +74,7 @@ def upgrade(raw: dict) -> dict:
     raw.setdefault("loss_weights", {}).setdefault(name, 0.0)
   model.setdefault("rtd_reads_clm", False)
   raw.setdefault("generator_trains_embeddings", True)
+  raw.setdefault("cmoc_corrupted_weight", -1.0)
   for name, value in NO_CLEAN_HOLD.items():
     raw.setdefault(name, value)
   return raw
@@ -191,6 +192,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
     ("generator_trains_embeddings", *_one_of(True, False)),
     ("discriminator_clean_uniform_masking", *_one_of(True, False)),
     ("discriminator_scores_clean", *_one_of(True, False)),
+    ("cmoc_corrupted_weight", *_either(_NON_NEGATIVE, _one_of(-1, -1.0))),
     ("model.dtype", *_one_of("float32", "bfloat16")),
     ("model.generator", *_one_of("per_modality", "crossmodal", "tied")),
     ("model.generator_width_ratio", *_number(0, 1, lo_open=True)),
@@ -271,4 +273,10 @@ def _relations(config) -> list[str]:
     if config.get("discriminator_scores_clean") is False:
       problems.append("config.discriminator_scores_clean=False leaves the clean examples out of "
                       "RTD/R2D, but config.discriminator_clean_fraction=0 makes none")
+  cmoc_corrupted = config.get("cmoc_corrupted_weight", -1.0)
+  if cmoc_corrupted >= 0 and not (config.get("objective") == "electra"
+                                  and config.get("loss_weights", {}).get("cmoc", 0.0) > 0):
+    problems.append(f"config.cmoc_corrupted_weight={cmoc_corrupted} weighs the corrective MOC on the "
+                    "corrupted examples, but there is none: it needs config.objective='electra' "
+                    "and config.loss_weights.cmoc > 0")
   return problems

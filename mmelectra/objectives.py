@@ -92,6 +92,9 @@ class ObjectiveConfig:
   # (`electra.witness_rows`). Its slots leave the corrective LM/MOC (nothing to correct)
   # and stay in RTD/R2D as originals. Not scheduled.
   discriminator_witness_fraction: float = 0.0
+  # The corrective MOC's weight on the corrupted examples, where the clean ones keep
+  # `loss_weights.cmoc` (docs/method.md §9); None: `loss_weights.cmoc` on every example.
+  cmoc_corrupted_weight: float | None = None
 
   @property
   def weights(self) -> dict[str, float]:
@@ -140,6 +143,8 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       discriminator_clean_floor=float(config.discriminator_clean_floor),
       discriminator_clean_uniform_masking=bool(config.discriminator_clean_uniform_masking),
       discriminator_scores_clean=bool(config.discriminator_scores_clean),
+      cmoc_corrupted_weight=(None if config.cmoc_corrupted_weight < 0
+                             else float(config.cmoc_corrupted_weight)),
       discriminator_witness_fraction=float(config.discriminator_witness_fraction),
   )
 
@@ -450,6 +455,16 @@ def _grounding_terms(discriminated: dict, x, pair_w, text_loss_w, region_loss_w,
     # pair, scored like the generator's MOC (the same candidate pool for `sample`).
     terms, _ = _moc_scoring(discriminated["cmoc"], embeds, x, ocfg)
     losses["cmoc"], cmoc_acc = terms(region_loss_w)
+    if ocfg.cmoc_corrupted_weight is not None:
+      # The total weighs a corrupted example's terms by `cmoc_corrupted_weight` and a
+      # clean one's by `loss_weights.cmoc`: the row scale is their ratio, in the sum but not
+      # in the count, so the mean stays over every counted region. `cmoc_loss` reports the
+      # plain mean.
+      ratio = ocfg.cmoc_corrupted_weight / ocfg.weights["cmoc"]
+      corrupted = jnp.ones(x.example.shape, bool) if x.clean is None else ~x.clean
+      row_scale = jnp.where(corrupted, ratio, 1.0)
+      sums["cmoc_loss"] = losses["cmoc"]
+      losses["cmoc"] = (terms(region_loss_w * row_scale[:, None])[0][0], losses["cmoc"][1])
     if cmoc_acc is not None:
       sums["cmoc_acc"] = cmoc_acc
     sums.update(_by_kind("cmoc", terms, region_loss_w, kinds))

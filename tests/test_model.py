@@ -355,6 +355,40 @@ def test_clean_pairs_can_leave_rtd_and_r2d(corrective):
                              np.asarray(sums_with(0.0, True)["rtd_loss"]))
 
 
+def test_corrective_moc_can_weigh_corrupted_pairs_apart(corrective):
+  config, setup, params = corrective
+  batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
+  total = lambda sums: float(sums["loss"][0] / sums["loss"][1])
+  mean = lambda pair: float(pair[0] / pair[1])
+  weight = setup.ocfg.weights["cmoc"]
+
+  def sums_with(fraction, corrupted_weight):
+    return _sums_with(setup, params, batch, discriminator_clean_fraction=fraction,
+                      cmoc_corrupted_weight=corrupted_weight)
+
+  for fraction in (0.0, 0.5, 1.0):
+    same = sums_with(fraction, None)
+    # The corrupted examples' terms at 3 where the rest stay at loss_weights.cmoc: the total
+    # gains 2x their share of the mean; every reported metric, cmoc_loss included, is the
+    # same as without the switch.
+    apart = sums_with(fraction, 3.0 * weight)
+    corrupted = same.get("corrupted_cmoc_loss", same["cmoc_loss"])
+    gained = 2.0 * weight * float(corrupted[0]) / float(same["cmoc_loss"][1])
+    assert (gained > 0) == (fraction < 1.0), fraction
+    np.testing.assert_allclose(total(apart), total(same) + gained, rtol=1e-5, err_msg=str(fraction))
+    for name in same:
+      if name != "loss":
+        np.testing.assert_allclose(np.asarray(apart[name]), np.asarray(same[name]), err_msg=name)
+    # At the same weight as loss_weights.cmoc the switch changes nothing.
+    np.testing.assert_allclose(total(sums_with(fraction, weight)), total(same), rtol=1e-6)
+  # At 0 the corrupted pairs leave the corrective MOC's term, and without clean pairs the
+  # whole term goes.
+  no_cmoc = dataclasses.replace(setup.ocfg, cmoc_corrupted_weight=0.0)
+  sums = objectives.compute_losses(setup.model, params, batch, jax.random.key(0), no_cmoc, True)[1]
+  same = sums_with(0.0, None)
+  np.testing.assert_allclose(total(sums), total(same) - weight * mean(same["cmoc_loss"]), rtol=1e-5)
+
+
 def test_clean_rows_can_be_masked_uniformly_under_salience_weights():
   config = micro_config()
   setup = setup_lib.build(config, SPECIAL_IDS)
