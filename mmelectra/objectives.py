@@ -455,19 +455,20 @@ def _grounding_terms(discriminated: dict, x, pair_w, text_loss_w, region_loss_w,
     # pair, scored like the generator's MOC (the same candidate pool for `sample`).
     terms, _ = _moc_scoring(discriminated["cmoc"], embeds, x, ocfg)
     losses["cmoc"], cmoc_acc = terms(region_loss_w)
+    by_kind = _by_kind("cmoc", terms, region_loss_w, kinds)
     if ocfg.cmoc_corrupted_weight is not None:
       # The total weighs a corrupted example's terms by `cmoc_corrupted_weight` and a
-      # clean one's by `loss_weights.cmoc`: the row scale is their ratio, in the sum but not
-      # in the count, so the mean stays over every counted region. `cmoc_loss` reports the
-      # plain mean.
+      # clean one's by `loss_weights.cmoc`: the corrupted part of the sum (every example's
+      # without clean ones) is scaled by their ratio, the count is not, so the mean stays
+      # over every counted region. `cmoc_loss` reports the plain mean.
       ratio = ocfg.cmoc_corrupted_weight / ocfg.weights["cmoc"]
-      corrupted = jnp.ones(x.example.shape, bool) if x.clean is None else ~x.clean
-      row_scale = jnp.where(corrupted, ratio, 1.0)
+      total, count = losses["cmoc"]
+      corrupted = by_kind["corrupted_cmoc_loss"][0] if kinds else total
       sums["cmoc_loss"] = losses["cmoc"]
-      losses["cmoc"] = (terms(region_loss_w * row_scale[:, None])[0][0], losses["cmoc"][1])
+      losses["cmoc"] = (total + (ratio - 1.0) * corrupted, count)
     if cmoc_acc is not None:
       sums["cmoc_acc"] = cmoc_acc
-    sums.update(_by_kind("cmoc", terms, region_loss_w, kinds))
+    sums.update(by_kind)
   return losses, sums
 
 
