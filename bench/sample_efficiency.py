@@ -71,6 +71,8 @@ means `first_hold`.
                 help the default gives its hold
   cmoc_corrupted1  electra with the corrective MOC at weight 1 on the corrupted pairs
                 (cmoc_corrupted_weight=1; the clean pairs keep 3): the same hold
+  nodrop        electra without dropout (model.dropout_rate = attention_dropout_rate = 0)
+  mlm_nodrop    mlm without dropout: the baseline on the same recipe
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -118,6 +120,7 @@ NO_HOLD = {**config_lib.NO_CLEAN_HOLD, **FIRST_HOLD}
 CLEAN_UNSCORED_DETACHED = {**FIRST_HOLD, "discriminator_scores_clean": False,
                            "generator_trains_embeddings": False}
 
+NO_DROPOUT = {"model.dropout_rate": 0.0, "model.attention_dropout_rate": 0.0}
 VARIANTS = {
     # name: (configs/pretrain.py argument string, field overrides)
     # The default (since 2026-12-05 evening; its lines before then were recorded as
@@ -224,6 +227,10 @@ VARIANTS = {
     # hold is the default's, step for step; does the ELECTRA half get its R2D and matching
     # back (docs/findings.md, 2026-12-05 (night))?
     "cmoc_corrupted1": ("objective=electra", {"cmoc_corrupted_weight": 1.0}),
+    # Without dropout: on the demo dropout 0.1 is what keeps the hold of seeds 1 and 2 on
+    # the plateau (docs/findings.md, 2026-12-06). The baseline gets the same recipe.
+    "nodrop": ("objective=electra", NO_DROPOUT),
+    "mlm_nodrop": ("objective=mlm", NO_DROPOUT),
 }
 SIZE = "small"
 BATCH_SIZE = 64
