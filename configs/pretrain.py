@@ -295,5 +295,10 @@ def get_config(arg=None):
     c.data.num_validation = 200
     c.data.num_test = 200
     c.eval.retrieval_pool = 100  # 10k pairs: seconds on a laptop CPU
+    # No dropout: at this size and length dropout 0.1 is what keeps the encoder on the
+    # plateau where it does not read the image (two seeds of three on a 2-core host; off,
+    # all three ground in the hold: docs/findings.md, 2026-12-06).
+    c.model.dropout_rate = 0.0
+    c.model.attention_dropout_rate = 0.0
   c.lock()
   return c
