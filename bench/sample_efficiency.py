@@ -73,6 +73,9 @@ means `first_hold`.
                 (cmoc_corrupted_weight=1; the clean pairs keep 3): the same hold
   nodrop        electra without dropout (model.dropout_rate = attention_dropout_rate = 0)
   mlm_nodrop    mlm without dropout: the baseline on the same recipe
+  early_handover  electra whose hand-over ends at half the run: hold 3/8 of the steps,
+                decay 1/8 (the default: 1/2 and 1/4), so the half-budget point reads
+                an encoder past the hand-over rather than the end of `mlm`'s own task
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -231,6 +234,14 @@ VARIANTS = {
     # the plateau (docs/findings.md, 2026-12-06). The baseline gets the same recipe.
     "nodrop": ("objective=electra", NO_DROPOUT),
     "mlm_nodrop": ("objective=mlm", NO_DROPOUT),
+    # The hand-over earlier: `mlm`'s VQA is flat from half its budget on, so reaching it at
+    # half the FLOPs needs the ELECTRA phase before that point; the hold (3/8) still
+    # outlasts the step where the corrective MOC leaves the plateau at weight 3 (423-658 of
+    # 1786 on five seeds; docs/findings.md, 2026-12-05). Fractions of total_steps, as the
+    # default's are, so the variant keeps its shape at any budget.
+    "early_handover": ("objective=electra", {
+        "discriminator_mask_hold_steps": lambda c: c.get_ref("total_steps") * 3 // 8,
+        "discriminator_mask_decay_steps": lambda c: c.get_ref("total_steps") // 8}),
 }
 SIZE = "small"
 BATCH_SIZE = 64
@@ -259,6 +270,10 @@ BASELINES = ("mlm", "mlm_moc3")
 
 # --- the run's configs ---------------------------------------------------------------------
 def _set(config, dotted: str, value) -> None:
+  """config[dotted] = value; a callable value is called with the config first (for a
+  field that follows another, e.g. `lambda c: c.get_ref("total_steps") // 8`)."""
+  if callable(value):
+    value = value(config)
   node = config
   *parents, leaf = dotted.split(".")
   for p in parents:
