@@ -310,6 +310,36 @@ def config_summary(config, step_flops: float) -> dict:
   }
 
 
+# What `recorded_fields` leaves out: where a run writes and how it checkpoints, not what it
+# trains; and the model fields training fills in from the data (-1 in a config, the data's
+# value in a run's config.json; the data fields themselves are recorded).
+UNRECORDED_FIELDS = ("checkpoint_every", "log_every", "eval_every", "keep_checkpoint_every",
+                     "max_checkpoints_to_keep", "debug_nan_steps", "max_nonfinite_steps",
+                     "init_from", "mesh", "logical_axis_rules", "data.data_dir",
+                     "data.manual_dir", "data.num_workers", "model.num_object_classes",
+                     "model.num_regions", "model.visual_feat_dim")
+
+
+def recorded_fields(config: dict) -> dict:
+  """Every field of a run's config (`config.to_dict()` or its config.json) as dotted key
+  -> JSON value, less UNRECORDED_FIELDS. A results line keeps them beside the summary, so
+  that a later change of any default (dropout, the hold's length, ...) that moves a
+  variant shows in tests/test_study_variants.py, not only the summary's few fields."""
+  out = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      dotted = f"{prefix}{key}"
+      if dotted in UNRECORDED_FIELDS:
+        continue
+      if isinstance(value, dict):
+        walk(value, dotted + ".")
+      else:
+        out[dotted] = value
+  walk(config, "")
+  return json.loads(json.dumps(out))
+
+
 def plan_steps(max_steps: int, evals: int) -> tuple[int, int]:
   """(steps between evaluation points, log_every): the interval is at most
   max_steps // evals and a multiple of a log window of 20-50 steps, so every evaluation
@@ -488,6 +518,7 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
       "host": {**host, "loadavg_1m_after_train": load_after_train},
       "protocol": protocol(budget_tflops),
       "config": config_summary(config, step_flops),
+      "fields": recorded_fields(config.to_dict()),
       "timing": {
           "data_prepare_seconds": data_seconds,
           "train_call_seconds": train_call_seconds,  # data, compile, loop, final save

@@ -57,6 +57,40 @@ def test_every_recorded_line_rebuilds_to_its_config(study):
   assert not wrong, wrong
 
 
+def test_every_recorded_field_rebuilds(study):
+  """Lines that record their run's whole config (`fields`, from 2026-12-06 on) rebuild to
+  it field by field: a default moved under a variant (dropout, the hold's length, ...)
+  fails here even where the summary above does not show it."""
+  lines = [(n, line) for n, line in enumerate(_lines(), 1) if "fields" in line]
+  assert lines, "no results line records its fields"
+  wrong = []
+  for number, line in lines:
+    config, _, _ = study.run_config(line["variant"], line["seed"], line["budget_tflops"] * 1e12,
+                                    line["evals"])
+    rebuilt = study.recorded_fields(config.to_dict())
+    moved = {k: (rebuilt.get(k, "<absent>"), v) for k, v in line["fields"].items()
+             if rebuilt.get(k, "<absent>") != v}
+    if moved:
+      wrong.append((number, line["variant"], moved))
+  assert not wrong, wrong
+
+
+def test_recorded_fields_see_what_the_summary_does_not(study):
+  # Dropout and the hold's length are outside config_summary; recorded_fields holds them.
+  base, _, _ = study.run_config("electra", 0, 140e12, 2)
+  other, _, _ = study.run_config("early_handover", 0, 140e12, 2)
+  assert study.config_summary(base, 1.0) == study.config_summary(other, 1.0)
+  a, b = study.recorded_fields(base.to_dict()), study.recorded_fields(other.to_dict())
+  assert {k for k in a if a[k] != b[k]} == {"discriminator_mask_hold_steps",
+                                            "discriminator_mask_decay_steps"}
+  assert (b["discriminator_mask_hold_steps"], b["discriminator_mask_decay_steps"]) == (
+      base.total_steps * 3 // 8, base.total_steps // 8)
+  nodrop, _, _ = study.run_config("nodrop", 0, 140e12, 2)
+  assert study.recorded_fields(nodrop.to_dict())["model.dropout_rate"] == 0.0
+  assert a["model.dropout_rate"] == 0.1
+  assert not any(k.startswith(("mesh", "logical_axis_rules", "data.data_dir")) for k in a)
+
+
 def test_the_default_is_its_variant_and_the_first_hold_is_pinned(study):
   from configs import pretrain
 
