@@ -740,12 +740,14 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
             for variant in ("electra", "first_hold", "no_hold", "warm_start_clean_long",
                             "warm_start_clean", "electra_tied", "clean_unscored", "clean_floor",
                             "hold_all", "generator_detached", "clean_unscored_detached",
-                            "clean_unscored_detached_noclip", "clean_unscored_detached_regress")
+                            "clean_unscored_detached_noclip", "clean_unscored_detached_regress",
+                            "early_handover")
             if variant == "electra" or variant in data
             for name, key in names]
   # The baseline given the default's help (its MOC at weight 3): the fair reference.
   if "mlm_moc3" in data:
-    fields += [f"electra_flops_to_mlm_moc3_{name}={short(ratios['mlm_moc3'].get(('electra', key)))}"
+    fields += [f"{variant}_flops_to_mlm_moc3_{name}={short(ratios['mlm_moc3'].get((variant, key)))}"
+               for variant in ("electra", "early_handover") if variant == "electra" or variant in data
                for name, key in names]
   print("RESULT " + " ".join(fields))
   return ratios
