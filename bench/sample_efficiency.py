@@ -103,6 +103,7 @@ import platform
 import shutil
 import sys
 import time
+from mmelectra import checkpoint as checkpoint_lib
 from mmelectra import config_lib
 from mmelectra import workdir as workdir_lib
 
@@ -322,22 +323,13 @@ UNRECORDED_FIELDS = ("checkpoint_every", "log_every", "eval_every", "keep_checkp
 
 def recorded_fields(config: dict) -> dict:
   """Every field of a run's config (`config.to_dict()` or its config.json) as dotted key
-  -> JSON value, less UNRECORDED_FIELDS. A results line keeps them beside the summary, so
-  that a later change of any default (dropout, the hold's length, ...) that moves a
-  variant shows in tests/test_study_variants.py, not only the summary's few fields."""
-  out = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      dotted = f"{prefix}{key}"
-      if dotted in UNRECORDED_FIELDS:
-        continue
-      if isinstance(value, dict):
-        walk(value, dotted + ".")
-      else:
-        out[dotted] = value
-  walk(config, "")
-  return json.loads(json.dumps(out))
+  -> JSON value, less UNRECORDED_FIELDS (and, as `checkpoint.flatten_names` reads a tree,
+  less any None field). A results line keeps them beside the summary, so that a later
+  change of any default (dropout, the hold's length, ...) that moves a variant shows in
+  tests/test_study_variants.py, not only the summary's few fields."""
+  flat = checkpoint_lib.flatten_names(json.loads(json.dumps(config)))
+  return {dotted: value for dotted, value in ((k.replace("/", "."), v) for k, v in flat.items())
+          if not any(dotted == u or dotted.startswith(u + ".") for u in UNRECORDED_FIELDS)}
 
 
 def plan_steps(max_steps: int, evals: int) -> tuple[int, int]:
@@ -736,18 +728,17 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
       return "n/a"
     return ">1.0" if r[0] is None else (f"<={r[0]:.3f}" if r[1] else f"{r[0]:.3f}")
   names = (("r1", "retrieval_r1"), ("itm", "itm_acc"), ("vqa", "vqa_acc"))
+  compared = [variant for variant in (
+      "electra", "first_hold", "no_hold", "warm_start_clean_long", "warm_start_clean",
+      "electra_tied", "clean_unscored", "clean_floor", "hold_all", "generator_detached",
+      "clean_unscored_detached", "clean_unscored_detached_noclip",
+      "clean_unscored_detached_regress", "early_handover") if variant == "electra" or variant in data]
   fields = [f"{variant}_flops_to_mlm_{name}={short(ratios['mlm'].get((variant, key)))}"
-            for variant in ("electra", "first_hold", "no_hold", "warm_start_clean_long",
-                            "warm_start_clean", "electra_tied", "clean_unscored", "clean_floor",
-                            "hold_all", "generator_detached", "clean_unscored_detached",
-                            "clean_unscored_detached_noclip", "clean_unscored_detached_regress",
-                            "early_handover")
-            if variant == "electra" or variant in data
-            for name, key in names]
+            for variant in compared for name, key in names]
   # The baseline given the default's help (its MOC at weight 3): the fair reference.
   if "mlm_moc3" in data:
     fields += [f"{variant}_flops_to_mlm_moc3_{name}={short(ratios['mlm_moc3'].get((variant, key)))}"
-               for variant in ("electra", "early_handover") if variant == "electra" or variant in data
+               for variant in compared if variant in ("electra", "early_handover")
                for name, key in names]
   print("RESULT " + " ".join(fields))
   return ratios

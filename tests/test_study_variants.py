@@ -35,18 +35,29 @@ def study():
   return _study()
 
 
-def test_every_recorded_line_rebuilds_to_its_config(study):
+@pytest.fixture(scope="module")
+def rebuild(study):
+  """line -> (config, step FLOPs, ...) of today's code for its variant, seed, budget and
+  evaluation count, built once per such key for every test here."""
+  built = {}
+
+  def get(line):
+    key = (line["variant"], line["seed"], line["budget_tflops"], line["evals"])
+    if key not in built:
+      built[key] = study.run_config(line["variant"], line["seed"], line["budget_tflops"] * 1e12,
+                                    line["evals"])
+    return built[key]
+  return get
+
+
+def test_every_recorded_line_rebuilds_to_its_config(study, rebuild):
   lines = _lines()
   assert len(lines) >= 40
-  seen, wrong = {}, []
+  wrong = []
   for number, line in enumerate(lines, 1):
-    key = (line["variant"], line["seed"], line["budget_tflops"], line["evals"])
-    if key not in seen:
-      config, step_flops, _ = study.run_config(line["variant"], line["seed"],
-                                               line["budget_tflops"] * 1e12, line["evals"])
-      # JSON round trip: the line holds what json wrote (floats, lists).
-      seen[key] = json.loads(json.dumps(study.config_summary(config, step_flops)))
-    rebuilt = seen[key]
+    config, step_flops, _ = rebuild(line)
+    # JSON round trip: the line holds what json wrote (floats, lists).
+    rebuilt = json.loads(json.dumps(study.config_summary(config, step_flops)))
     # A loss weight a line lacks is a loss its day did not have (as config_lib.upgrade
     # reads old configs): 0.
     recorded = {**line["config"], "loss_weights": {
@@ -57,7 +68,7 @@ def test_every_recorded_line_rebuilds_to_its_config(study):
   assert not wrong, wrong
 
 
-def test_every_recorded_field_rebuilds(study):
+def test_every_recorded_field_rebuilds(study, rebuild):
   """Lines that record their run's whole config (`fields`, from 2026-12-06 on) rebuild to
   it field by field: a default moved under a variant (dropout, the hold's length, ...)
   fails here even where the summary above does not show it."""
@@ -65,9 +76,7 @@ def test_every_recorded_field_rebuilds(study):
   assert lines, "no results line records its fields"
   wrong = []
   for number, line in lines:
-    config, _, _ = study.run_config(line["variant"], line["seed"], line["budget_tflops"] * 1e12,
-                                    line["evals"])
-    rebuilt = study.recorded_fields(config.to_dict())
+    rebuilt = study.recorded_fields(rebuild(line)[0].to_dict())
     moved = {k: (rebuilt.get(k, "<absent>"), v) for k, v in line["fields"].items()
              if rebuilt.get(k, "<absent>") != v}
     if moved:
