@@ -17,12 +17,16 @@ Variants (docs/method.md: a zero loss weight switches a loss off; `moc` picks th
 Each ablation is measured against the default of its day, and VARIANTS pins that default's
 values so it still trains what its lines record: from `no_r2d` to `warm_start` "electra"
 below means `no_hold`, from `warm_start_clean` to `clean_unscored_detached_regress` it
-means `first_hold`.
+means `first_hold`, and for `cmoc_corrupted1` and `nodrop` it means `half_hold`.
   electra       the method as configured by default: per-modality generator, a clean hold
-                on the baseline's task for half the run (RTD/R2D not scoring it, the
-                generator off the shared embeddings, corrective MOC at weight 3), then
-                ELECTRA's corrupted pairs: RTD + R2D + ITM + corrective LM/MOC, MOC `sample`
-  first_hold    the default of 2026-12-04/05: the same hold with RTD/R2D scoring the clean
+                on the baseline's task for the first 3/8 of the run (RTD/R2D not scoring
+                it, the generator off the shared embeddings, corrective MOC at weight 3),
+                handed over by half the run to ELECTRA's corrupted pairs: RTD + R2D + ITM
+                + corrective LM/MOC, MOC `sample` (its lines were recorded as
+                `early_handover` until it became the default, 2026-12-06)
+  half_hold     the default of 2026-12-05/06: the same with the hold for half the run,
+                handed over by three quarters (its lines were recorded as `electra`)
+  first_hold    the default of 2026-12-04/05: half_hold with RTD/R2D scoring the clean
                 pairs, the generator training the shared embeddings, corrective MOC at 1
   no_hold       the default before 2026-12-04: first_hold without the clean hold
   electra_crossmodal  electra with the generator reading both modalities (`generator=crossmodal`)
@@ -65,17 +69,14 @@ means `first_hold`.
   clean_unscored_detached_noclip  the same without global-norm gradient clipping
                 (optimizer.grad_clip_norm=0)
   clean_unscored_detached_regress  clean_unscored_detached with MOC `regress`
-  (clean_unscored_detached with the corrective MOC at weight 3 is today's `electra`; its
-  lines were recorded as `clean_unscored_detached_cmoc3` until it became the default)
+  (clean_unscored_detached with the corrective MOC at weight 3 is `half_hold`; its lines
+  were recorded as `clean_unscored_detached_cmoc3` until it became the default)
   mlm_moc3      mlm with its MOC at weight 3 (loss_weights.moc=3): the baseline given the
                 help the default gives its hold
   cmoc_corrupted1  electra with the corrective MOC at weight 1 on the corrupted pairs
                 (cmoc_corrupted_weight=1; the clean pairs keep 3): the same hold
-  nodrop        electra without dropout (model.dropout_rate = attention_dropout_rate = 0)
+  nodrop        half_hold without dropout (model.dropout_rate = attention_dropout_rate = 0)
   mlm_nodrop    mlm without dropout: the baseline on the same recipe
-  early_handover  electra whose hand-over ends at half the run: hold 3/8 of the steps,
-                decay 1/8 (the default: 1/2 and 1/4), so the half-budget point reads
-                an encoder past the hand-over rather than the end of `mlm`'s own task
 
 What every variant shares: size `small`, synthetic scenes (crops, DATA below, built once
 into data/tfds), batch 64, AdamW at the config's peak rate with warmup over the first
@@ -110,15 +111,20 @@ from mmelectra import workdir as workdir_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The default's hold until 2026-12-06: the baseline's task for half the run, handed over
+# to ELECTRA's corrupted pairs by three quarters (fractions of total_steps, as the
+# default's are). Every variant measured against a default of that time pins it.
+HALF_HOLD = {"discriminator_mask_hold_steps": lambda c: c.get_ref("total_steps") // 2,
+             "discriminator_mask_decay_steps": lambda c: c.get_ref("total_steps") // 4}
 # The first default with a clean hold (2026-12-04 to 2026-12-05): RTD/R2D also score the
 # hold's clean pairs (every target "original"), the generator's MLM/MOC train the shared
-# embeddings, the corrective MOC at weight 1. The variants measured against that default
-# keep it, so each still trains what its lines in the results record.
+# embeddings, the corrective MOC at weight 1, the half hold. The variants measured against
+# that default keep it, so each still trains what its lines in the results record.
 FIRST_HOLD = {"discriminator_scores_clean": True, "generator_trains_embeddings": True,
-              "loss_weights.cmoc": 1.0}
+              "loss_weights.cmoc": 1.0, **HALF_HOLD}
 # The per-modality default before 2026-12-04: every example corrupted from the first step
 # (no clean hold), with the first hold's generator and corrective MOC weight.
-NO_HOLD = {**config_lib.NO_CLEAN_HOLD, **FIRST_HOLD}
+NO_HOLD = {**FIRST_HOLD, **config_lib.NO_CLEAN_HOLD}
 # The first hold with neither of its extras: no one-class RTD/R2D target on the clean
 # pairs, and the generator off the shared embeddings (two variants below).
 CLEAN_UNSCORED_DETACHED = {**FIRST_HOLD, "discriminator_scores_clean": False,
@@ -127,9 +133,12 @@ CLEAN_UNSCORED_DETACHED = {**FIRST_HOLD, "discriminator_scores_clean": False,
 NO_DROPOUT = {"model.dropout_rate": 0.0, "model.attention_dropout_rate": 0.0}
 VARIANTS = {
     # name: (configs/pretrain.py argument string, field overrides)
-    # The default (since 2026-12-05 evening; its lines before then were recorded as
-    # `clean_unscored_detached_cmoc3`, the same config).
+    # The default (since 2026-12-06; its lines before then were recorded as
+    # `early_handover`, the same config).
     "electra": ("objective=electra", {}),
+    # The default of 2026-12-05 (evening) to 2026-12-06: today's with the half hold (its
+    # lines then were recorded as `electra`, and before as `clean_unscored_detached_cmoc3`).
+    "half_hold": ("objective=electra", HALF_HOLD),
     # The default from 2026-12-04 to 2026-12-05 (its lines then were recorded as `electra`).
     "first_hold": ("objective=electra", FIRST_HOLD),
     # The default without a clean hold (the default until 2026-12-04; its lines before
@@ -230,19 +239,11 @@ VARIANTS = {
     # grounding signal) and at 1 on the corrupted ones, where it stays near chance: the
     # hold is the default's, step for step; does the ELECTRA half get its R2D and matching
     # back (docs/findings.md, 2026-12-05 (night))?
-    "cmoc_corrupted1": ("objective=electra", {"cmoc_corrupted_weight": 1.0}),
+    "cmoc_corrupted1": ("objective=electra", {**HALF_HOLD, "cmoc_corrupted_weight": 1.0}),
     # Without dropout: on the demo dropout 0.1 is what keeps the hold of seeds 1 and 2 on
     # the plateau (docs/findings.md, 2026-12-06). The baseline gets the same recipe.
-    "nodrop": ("objective=electra", NO_DROPOUT),
+    "nodrop": ("objective=electra", {**HALF_HOLD, **NO_DROPOUT}),
     "mlm_nodrop": ("objective=mlm", NO_DROPOUT),
-    # The hand-over earlier: `mlm`'s VQA is flat from half its budget on, so reaching it at
-    # half the FLOPs needs the ELECTRA phase before that point; the hold (3/8) still
-    # outlasts the step where the corrective MOC leaves the plateau at weight 3 (423-658 of
-    # 1786 on five seeds; docs/findings.md, 2026-12-05). Fractions of total_steps, as the
-    # default's are, so the variant keeps its shape at any budget.
-    "early_handover": ("objective=electra", {
-        "discriminator_mask_hold_steps": lambda c: c.get_ref("total_steps") * 3 // 8,
-        "discriminator_mask_decay_steps": lambda c: c.get_ref("total_steps") // 8}),
 }
 SIZE = "small"
 BATCH_SIZE = 64
@@ -732,13 +733,13 @@ def report(results_dir: str, budget_tflops: float | None) -> dict:
       "electra", "first_hold", "no_hold", "warm_start_clean_long", "warm_start_clean",
       "electra_tied", "clean_unscored", "clean_floor", "hold_all", "generator_detached",
       "clean_unscored_detached", "clean_unscored_detached_noclip",
-      "clean_unscored_detached_regress", "early_handover") if variant == "electra" or variant in data]
+      "clean_unscored_detached_regress", "half_hold") if variant == "electra" or variant in data]
   fields = [f"{variant}_flops_to_mlm_{name}={short(ratios['mlm'].get((variant, key)))}"
             for variant in compared for name, key in names]
   # The baseline given the default's help (its MOC at weight 3): the fair reference.
   if "mlm_moc3" in data:
     fields += [f"{variant}_flops_to_mlm_moc3_{name}={short(ratios['mlm_moc3'].get((variant, key)))}"
-               for variant in compared if variant in ("electra", "early_handover")
+               for variant in compared if variant in ("electra", "half_hold")
                for name, key in names]
   print("RESULT " + " ".join(fields))
   return ratios

@@ -61,7 +61,7 @@ def upgrade(raw: dict) -> dict:
     embeddings (ELECTRA's sharing): an older run keeps True.
   - Before the clean share and its schedule every example was corrupted from the first
     step: an older run keeps no clean examples and no hold (today's per-modality default
-    holds the baseline's task for half the run), and so no clean floor either.
+    holds the baseline's task for the first 3/8 of the run), and so no clean floor either.
   - Before `discriminator_scores_clean` RTD/R2D scored every example: an older run keeps
     True.
   """

@@ -86,12 +86,14 @@ def test_every_recorded_field_rebuilds(study, rebuild):
 
 def test_recorded_fields_see_what_the_summary_does_not(study):
   # Dropout and the hold's length are outside config_summary; recorded_fields holds them.
-  base, _, _ = study.run_config("electra", 0, 140e12, 2)
-  other, _, _ = study.run_config("early_handover", 0, 140e12, 2)
+  base, _, _ = study.run_config("half_hold", 0, 140e12, 2)
+  other, _, _ = study.run_config("electra", 0, 140e12, 2)
   assert study.config_summary(base, 1.0) == study.config_summary(other, 1.0)
   a, b = study.recorded_fields(base.to_dict()), study.recorded_fields(other.to_dict())
   assert {k for k in a if a[k] != b[k]} == {"discriminator_mask_hold_steps",
                                             "discriminator_mask_decay_steps"}
+  assert (a["discriminator_mask_hold_steps"], a["discriminator_mask_decay_steps"]) == (
+      base.total_steps // 2, base.total_steps // 4)
   assert (b["discriminator_mask_hold_steps"], b["discriminator_mask_decay_steps"]) == (
       base.total_steps * 3 // 8, base.total_steps // 8)
   nodrop, _, _ = study.run_config("nodrop", 0, 140e12, 2)
@@ -100,11 +102,23 @@ def test_recorded_fields_see_what_the_summary_does_not(study):
   assert not any(k.startswith(("mesh", "logical_axis_rules", "data.data_dir")) for k in a)
 
 
-def test_the_default_is_its_variant_and_the_first_hold_is_pinned(study):
+def test_the_default_is_its_variant_and_the_earlier_holds_are_pinned(study):
   from configs import pretrain
 
   default = pretrain.get_config("objective=electra")
   assert study.VARIANTS["electra"] == ("objective=electra", {})
+  # The hold's length: 3/8 of the run, handed over by half (since 2026-12-06); the
+  # variants measured against the half hold before then keep it at any step count.
+  default.total_steps = 1000
+  assert (default.discriminator_mask_hold_steps, default.discriminator_mask_decay_steps) == (
+      375, 125)
+  for variant in ("half_hold", "first_hold", "nodrop", "cmoc_corrupted1", "clean_floor"):
+    pinned = study.base_config(variant, 0)
+    pinned.total_steps = 1000
+    assert (pinned.discriminator_mask_hold_steps,
+            pinned.discriminator_mask_decay_steps) == (500, 250), variant
+  for variant in ("no_hold", "no_r2d", "witness"):
+    assert study.base_config(variant, 0).discriminator_mask_hold_steps == 0, variant
   # The default's hold (docs/method.md §9): RTD/R2D leave the clean pairs, the generator
   # is off the shared embeddings, the corrective MOC at 3.
   assert default.discriminator_scores_clean is False
