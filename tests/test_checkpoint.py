@@ -213,20 +213,21 @@ def test_default_hold_and_hand_over_follow_the_run_length():
   from configs import pretrain
   schedule = lambda c: (c.discriminator_clean_fraction, c.discriminator_clean_uniform_masking,
                         c.discriminator_mask_hold_steps, c.discriminator_mask_decay_steps)
-  # The per-modality default: the baseline's task for 3/8 of the run, handed over by 1/2.
+  # The per-modality default: the baseline's task for 3/8 of the run, handed over by 1/2;
+  # `runlocal` (the demo) holds for half the run and hands over by 3/4.
   assert schedule(pretrain.get_config("size=tiny")) == (1.0, True, 7_500, 2_500)
-  assert schedule(pretrain.get_config("size=tiny,runlocal")) == (1.0, True, 750, 250)
+  assert schedule(pretrain.get_config("size=tiny,runlocal")) == (1.0, True, 1000, 500)
   c = pretrain.get_config("size=tiny")
   c.total_steps = 1786
   assert schedule(c)[2:] == (669, 223)
   c = pretrain.get_config("size=tiny,runlocal")
   c.total_steps = 3000
-  assert schedule(c)[2:] == (1125, 375)
+  assert schedule(c)[2:] == (1500, 750)
   # From the command line, in either order; a number given for the hold wins.
   from conftest import ROOT
   cli = _parse_cli_config(["x", f"--config={ROOT}/configs/pretrain.py:size=tiny,runlocal",
                            "--config.discriminator_mask_hold_steps=7", "--config.total_steps=300"])
-  assert schedule(cli)[2:] == (7, 37)
+  assert schedule(cli)[2:] == (7, 75)
   assert schedule(_parse_cli_config(["x", f"--config={ROOT}/configs/pretrain.py:size=tiny",
                                      "--config.total_steps=300"]))[2:] == (112, 37)
   # The other generators and the baseline have no clean share.
