@@ -311,7 +311,8 @@ def get_config(arg=None):
       # The demo holds for half the run and hands over by three quarters (the default
       # until 2026-12-06): with the default's 3/8 + 1/8 its encoder fine-tuned on VQA
       # below random initialisation on seed 0 (0.510 against 0.525; 0.625 with the half
-      # hold) and no better on seeds 1 and 2 (docs/findings.md, 2026-12-06 (c)).
+      # hold), and over seeds 0-2 worse (0.539 against 0.565; docs/findings.md,
+      # 2026-12-06 (c)).
       c.discriminator_mask_hold_steps = c.get_ref("total_steps") // 2
       c.discriminator_mask_decay_steps = c.get_ref("total_steps") // 4
   c.lock()
