@@ -64,6 +64,8 @@ def upgrade(raw: dict) -> dict:
     holds the baseline's task for the first 3/8 of the run), and so no clean floor either.
   - Before `discriminator_scores_clean` RTD/R2D scored every example: an older run keeps
     True.
+  - Before `itm_intact_fraction` the discriminator read no example intact and ITM learnt
+    from every example: an older run keeps 0.
   """
   model = raw.get("model", {})
   if "generator" not in model:
@@ -75,6 +77,7 @@ def upgrade(raw: dict) -> dict:
   model.setdefault("rtd_reads_clm", False)
   raw.setdefault("generator_trains_embeddings", True)
   raw.setdefault("cmoc_corrupted_weight", -1.0)
+  raw.setdefault("itm_intact_fraction", 0.0)
   for name, value in NO_CLEAN_HOLD.items():
     raw.setdefault(name, value)
   return raw
@@ -184,7 +187,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
            "model.dropout_rate", "model.attention_dropout_rate"),
     *_keys(_number(0, 1), "discriminator_mask_fraction", "discriminator_region_mask_fraction",
            "discriminator_clean_fraction", "discriminator_clean_floor",
-           "discriminator_witness_fraction"),
+           "discriminator_witness_fraction", "itm_intact_fraction"),
     *_keys(_NON_NEGATIVE, "text_temperature", "region_temperature",
            *(f"loss_weights.{name}" for name in ("moc", "mlm", "r2d", "rtd", "itm", "clm", "cmoc", "itc"))),
     *_keys(_POSITIVE, "model.layer_norm_eps", "text_mask_salience_floor"),
@@ -279,4 +282,8 @@ def _relations(config) -> list[str]:
     problems.append(f"config.cmoc_corrupted_weight={cmoc_corrupted} weighs the corrective MOC on the "
                     "corrupted examples, but there is none: it needs config.objective='electra' "
                     "and config.loss_weights.cmoc > 0")
+  if config.get("itm_intact_fraction", 0.0) > 0 and config.get("objective") != "electra":
+    problems.append(f"config.itm_intact_fraction={config.get('itm_intact_fraction')} reads some "
+                    "examples intact for ITM, a setting of objective='electra': the baseline's "
+                    "ITM reads its masked pair")
   return problems

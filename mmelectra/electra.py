@@ -212,17 +212,17 @@ def sample_regions_of_class(rng: Array, classes: Array, candidate_labels: Array,
 def kept_slots(rng: Array, weights: Array, fraction, rows: Array | None = None) -> Array:
   """A random `fraction` of the real masked slots (`weights > 0`), bool `[B, M]`: those
   the discriminator reads masked rather than replaced. `rows` (bool `[B]`, optional):
-  examples whose every real masked slot is kept as well (`clean_rows`)."""
+  examples whose every real masked slot is kept as well (`random_rows`)."""
   kept = jax.random.uniform(rng, weights.shape) < fraction
   if rows is not None:
     kept = kept | rows[:, None]
   return kept & (weights > 0)
 
 
-def clean_rows(rng: Array, batch_size: int, fraction) -> Array:
-  """A random `fraction` of the examples, bool `[B]`: pairs the discriminator reads as the
-  baseline reads its masked pair (every masked word `[MASK]`, every masked region
-  zeroed), nothing replaced anywhere in them."""
+def random_rows(rng: Array, batch_size: int, fraction) -> Array:
+  """A random `fraction` of the examples, bool `[B]`: the clean pairs the discriminator
+  reads as the baseline reads its masked pair (every masked word `[MASK]`, every masked
+  region zeroed) and the intact ones it reads unmasked (nothing masked or replaced)."""
   return jax.random.uniform(rng, (batch_size,)) < fraction
 
 

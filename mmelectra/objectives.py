@@ -69,7 +69,7 @@ class ObjectiveConfig:
   # (docs/method.md §9).
   generator_trains_embeddings: bool = True
   # Share of the examples the discriminator reads as the baseline's clean masked pair
-  # (every masked word `[MASK]`, every masked region zeroed; `electra.clean_rows`): on
+  # (every masked word `[MASK]`, every masked region zeroed; `electra.random_rows`): on
   # them the corrective LM/MOC are the baseline's MLM/MOC, which a pair with replaced
   # words and regions does not teach (docs/findings.md, 2026-12-03). With
   # `discriminator_mask_decay_steps` > 0 it follows the same hold-then-decay schedule.
@@ -95,6 +95,12 @@ class ObjectiveConfig:
   # The corrective MOC's weight on the corrupted examples, where the clean ones keep
   # `loss_weights.cmoc` (docs/method.md §9); None: `loss_weights.cmoc` on every example.
   cmoc_corrupted_weight: float | None = None
+  # Share of the examples the discriminator reads intact, nothing masked or replaced: the
+  # pair a user gives the deployed ITM head. > 0 also makes ITM learn only from the pairs
+  # that do not contradict themselves, these and the clean ones; a corrupted matched pair
+  # (a replaced word or region) leaves ITM, and the intact pairs leave RTD/R2D and the
+  # corrective LM/MOC (nothing replaced or masked to find). 0: ITM on every example.
+  itm_intact_fraction: float = 0.0
 
   @property
   def weights(self) -> dict[str, float]:
@@ -146,6 +152,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       cmoc_corrupted_weight=(None if config.cmoc_corrupted_weight < 0
                              else float(config.cmoc_corrupted_weight)),
       discriminator_witness_fraction=float(config.discriminator_witness_fraction),
+      itm_intact_fraction=float(config.itm_intact_fraction),
   )
 
 
@@ -203,7 +210,7 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig, step
   if ocfg.objective == "electra" and ocfg.discriminator_clean_fraction > 0:
     # Drawn here, as the clean rows may be masked their own way; a stream of its own
     # (fold_in) so runs without them keep theirs.
-    clean = electra.clean_rows(jax.random.fold_in(rng, 1), batch_size, discriminator_mask_fraction(
+    clean = electra.random_rows(jax.random.fold_in(rng, 1), batch_size, discriminator_mask_fraction(
         ocfg, step, ocfg.discriminator_clean_fraction, ocfg.discriminator_clean_floor))
     if ocfg.discriminator_clean_uniform_masking and log_weights is not None:
       log_weights = jnp.where(clean[:, None], 0.0, log_weights)
@@ -233,11 +240,13 @@ def _mlm_terms(mlm_logits, x: _Inputs, loss_weight: Array):
   return mlm, acc
 
 
-def _itm_terms(itm_logits, x: _Inputs):
-  """L5 and itm_acc over the real examples; label 1 for a matched pair."""
+def _itm_terms(itm_logits, x: _Inputs, rows: Array | None = None):
+  """L5 and itm_acc over the real examples (those in `rows`, bool `[B]`, if given); label 1
+  for a matched pair."""
   labels = x.matched.astype(jnp.int32)
-  itm = metrics_lib.cross_entropy(itm_logits, labels, x.example)
-  return itm, metrics_lib.accuracy_sums(electra.argmax(itm_logits), labels, x.example)
+  weights = x.example if rows is None else x.example * rows
+  itm = metrics_lib.cross_entropy(itm_logits, labels, weights)
+  return itm, metrics_lib.accuracy_sums(electra.argmax(itm_logits), labels, weights)
 
 
 # The parameters the generator shares with the discriminator (the word table with its
@@ -530,6 +539,19 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
 
   c = _corrupt(model, params, x, rng_text, rng_region, mlm_logits, moc_out, moc_scores, embeds,
                masked_embeds, ocfg, step)
+  itm_rows = intact = None
+  if ocfg.itm_intact_fraction > 0:
+    # The intact examples: the discriminator reads the original pair, so RTD and R2D find
+    # nothing replaced there (their weights drop below) and the corrective LM/MOC nothing
+    # masked. ITM learns from them and from the clean pairs, skipping the corrupted ones.
+    intact = electra.random_rows(jax.random.fold_in(rng, 7), x.example.shape[0],
+                                 ocfg.itm_intact_fraction)
+    c = c._replace(ids=electra.restore_rows(c.ids, x.text_ids, intact),
+                   feats=electra.restore_rows(c.feats, x.feats, intact),
+                   embeds=electra.restore_rows(c.embeds, embeds, intact))
+    text_loss_w = text_loss_w * ~intact[:, None]
+    region_loss_w = region_loss_w * ~intact[:, None]
+    itm_rows = intact if x.clean is None else intact | x.clean
   rtd_labels = electra.replaced_tokens(x.text_ids, c.ids, x.text_mask)
   r2d_labels = electra.replaced_regions(x.feats, c.feats, x.region_mask)
 
@@ -544,9 +566,12 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   # corrective LM to name them, pulling the [CLS] state the pooler reads (docs/method.md §9).
   text_w, region_w = _discriminator_weights(x, pair_w, c, words_only=model.cfg.rtd_reads_clm,
                                             scores_clean=ocfg.discriminator_scores_clean)
+  if intact is not None:
+    text_w, region_w = text_w * ~intact[:, None], region_w * ~intact[:, None]
   rtd = metrics_lib.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = metrics_lib.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
-  itm, itm_acc = _itm_terms(generated[2] if itm_on_masked else discriminated["itm"], x)
+  itm_logits = generated[2] if itm_on_masked else discriminated["itm"]
+  itm, itm_acc = _itm_terms(itm_logits, x, itm_rows)
 
   losses = {"moc": moc, "mlm": mlm, "r2d": r2d, "rtd": rtd, "itm": itm}
   # A witness's slots read as the originals: nothing for the corrective LM/MOC to correct.
@@ -565,7 +590,17 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   sums.update(metrics_lib.binary_metric_sums("rtd", rtd_logits, rtd_labels, text_w))
   sums.update(metrics_lib.binary_metric_sums("r2d", r2d_logits, r2d_labels, region_w))
   sums["itm_acc"] = itm_acc
-  sums.update(_replaced_fractions(x, pair_w, c, rtd_labels, r2d_labels))
+  if x.clean is not None:
+    # Matching per kind of pair, whether or not ITM learns from it: on a clean pair it is
+    # the baseline's; on a corrupted one a matched pair may contradict itself.
+    for kind, rows in (("clean", x.clean), ("corrupted", ~x.clean)):
+      rows = rows if intact is None else rows & ~intact
+      sums[f"{kind}_itm_acc"] = _itm_terms(itm_logits, x, rows)[1]
+  if intact is not None:
+    sums["intact_itm_acc"] = _itm_terms(itm_logits, x, intact)[1]
+  # The replaced shares are of the slots the generator filled: intact pairs have none.
+  sums.update(_replaced_fractions(x, pair_w if intact is None else pair_w * ~intact, c,
+                                  rtd_labels, r2d_labels))
   sums["loss"] = (loss * x.example.sum(), x.example.sum())
   return loss, sums
 

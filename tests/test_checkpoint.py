@@ -245,7 +245,8 @@ def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_p
     del raw["text_mask_weighting"], raw["model"]["rtd_reads_clm"], raw["generator_trains_embeddings"]
     for name in ("discriminator_clean_fraction", "discriminator_clean_uniform_masking",
                  "discriminator_mask_hold_steps", "discriminator_mask_decay_steps",
-                 "discriminator_scores_clean", "discriminator_clean_floor", "cmoc_corrupted_weight"):
+                 "discriminator_scores_clean", "discriminator_clean_floor", "cmoc_corrupted_weight",
+                 "itm_intact_fraction"):
       del raw[name]
     raw["model"]["generator_tied"] = tied
     (tmp_path / "config.json").write_text(json.dumps(raw))
@@ -262,6 +263,7 @@ def test_a_config_saved_before_model_generator_existed_is_upgraded_on_load(tmp_p
     assert loaded.discriminator_scores_clean is True  # RTD/R2D scored every example
     assert loaded.discriminator_clean_floor == 0.0
     assert loaded.cmoc_corrupted_weight == -1.0  # one corrective MOC weight for every pair
+    assert loaded.itm_intact_fraction == 0.0  # ITM learnt from every example
 
 
 def test_unknown_config_key_is_an_error_naming_it():

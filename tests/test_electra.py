@@ -290,7 +290,7 @@ def test_keep_masked_leaves_the_requested_share_of_real_slots_masked():
 
 def test_clean_rows_keep_every_real_slot_of_their_examples_and_only_those():
   weights = jnp.ones((400, 6)).at[:, -1].set(0.0)
-  rows = electra.clean_rows(jax.random.key(1), 400, 0.3)
+  rows = electra.random_rows(jax.random.key(1), 400, 0.3)
   assert abs(float(rows.mean()) - 0.3) < 0.06
   kept = np.asarray(electra.kept_slots(jax.random.key(0), weights, 0.0, rows))
   # All or nothing per example, never a padding slot.

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import SPECIAL_IDS, micro_config, random_batch
 from mmelectra import errors, objectives, optim
+from mmelectra import metrics as metrics_lib
 from mmelectra.model import DEPLOYED_PARAM_PREFIXES, MMElectra, deployed_params, model_config_from
 from mmelectra import setup as setup_lib
 
@@ -297,11 +298,11 @@ def test_clean_pairs_are_read_as_the_baselines_masked_pair(corrective):
   assert float(every["r2d_loss"][1]) < float(none["r2d_loss"][1])
   assert float(every["clm_loss"][1]) == float(none["clm_loss"][1]) > 0
   assert float(every["cmoc_loss"][1]) == float(none["cmoc_loss"][1]) > 0
-  # With clean examples the corrective LM/MOC are also reported per kind of pair: the two
-  # kinds add up to the whole, and an all-clean batch has no corrupted part.
+  # With clean examples the corrective LM/MOC and ITM are also reported per kind of pair:
+  # the two kinds add up to the whole, and an all-clean batch has no corrupted part.
   assert not any(k.startswith(("clean_", "corrupted_")) for k in none)
   half = sums_with(0.5)
-  for name in ("clm_loss", "clm_acc", "cmoc_loss", "cmoc_acc"):
+  for name in ("clm_loss", "clm_acc", "cmoc_loss", "cmoc_acc", "itm_acc"):
     np.testing.assert_allclose(np.asarray(every[f"clean_{name}"]), np.asarray(every[name]))
     assert float(every[f"corrupted_{name}"][1]) == 0, name
     parts = np.asarray(half[f"clean_{name}"]) + np.asarray(half[f"corrupted_{name}"])
@@ -353,6 +354,36 @@ def test_clean_pairs_can_leave_rtd_and_r2d(corrective):
   # Without clean examples the switch changes nothing.
   np.testing.assert_allclose(np.asarray(sums_with(0.0, False)["rtd_loss"]),
                              np.asarray(sums_with(0.0, True)["rtd_loss"]))
+
+
+def test_intact_pairs_are_read_unmasked_and_only_uncontradicted_pairs_teach_itm(corrective):
+  config, setup, params = corrective
+  batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
+  rng = jax.random.key(0)
+  none = _sums_with(setup, params, batch)
+  every = _sums_with(setup, params, batch, itm_intact_fraction=1.0)
+  # Every example intact: the discriminator finds nothing replaced or masked, so RTD, R2D
+  # and the corrective heads count nothing; the generator's losses are untouched and ITM
+  # counts every example.
+  for name in ("rtd_loss", "r2d_loss", "clm_loss", "cmoc_loss"):
+    assert float(none[name][1]) > 0 and float(every[name][1]) == 0, name
+  for name in ("mlm_loss", "moc_loss"):
+    np.testing.assert_allclose(np.asarray(every[name]), np.asarray(none[name]), err_msg=name)
+  assert float(every["itm_loss"][1]) == float(none["itm_loss"][1]) > 0
+  # ... and ITM reads the original pair: its loss is the encoder's on the unmasked pair.
+  x = objectives._prepare(batch, jax.random.split(rng, 5)[0], setup.ocfg)
+  embeds, _ = objectives._region_embeddings(setup.model, params, x)
+  out = setup.model.apply({"params": params}, x.text_ids, x.text_mask, None, x.boxes, x.region_mask,
+                          True, region_embeds=embeds, method=MMElectra.discriminate)
+  expected = metrics_lib.cross_entropy(out["itm"], x.matched.astype(jnp.int32), x.example)
+  np.testing.assert_allclose(np.asarray(every["itm_loss"]), np.asarray(expected), rtol=1e-5)
+  # Some intact, some clean: ITM learns from both kinds and skips the corrupted rest.
+  mixed = _sums_with(setup, params, batch, itm_intact_fraction=0.3, discriminator_clean_fraction=0.3)
+  intact, clean = float(mixed["intact_itm_acc"][1]), float(mixed["clean_itm_acc"][1])
+  corrupted = float(mixed["corrupted_itm_acc"][1])
+  assert intact > 0 and clean > 0 and corrupted > 0
+  assert float(mixed["itm_acc"][1]) == float(mixed["itm_loss"][1]) == intact + clean
+  assert intact + clean + corrupted == float(none["itm_acc"][1])
 
 
 def test_corrective_moc_can_weigh_corrupted_pairs_apart(corrective):

@@ -110,6 +110,9 @@ def test_validate_accepts_every_preset_and_names_every_bad_key():
     raw["loss_weights"]["cmoc"] = 0.0  # no corrective MOC (mlm has none to begin with)
     with pytest.raises(errors.InvalidInput, match="cmoc_corrupted_weight=1.0 weighs .* there is none"):
       config_lib.validate(ml_collections.ConfigDict({**raw, "cmoc_corrupted_weight": 1.0}))
+  with pytest.raises(errors.InvalidInput, match="itm_intact_fraction=0.25 reads .* objective='electra'"):
+    config_lib.validate(ml_collections.ConfigDict({
+        **pretrain.get_config("runlocal,objective=mlm").to_dict(), "itm_intact_fraction": 0.25}))
   with pytest.raises(errors.InvalidInput, match=r"config.cmoc_corrupted_weight=-2.0 \(allowed"):
     config_lib.validate(ml_collections.ConfigDict({
         **pretrain.get_config("runlocal").to_dict(), "cmoc_corrupted_weight": -2.0}))
