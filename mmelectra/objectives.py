@@ -539,16 +539,21 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
 
   c = _corrupt(model, params, x, rng_text, rng_region, mlm_logits, moc_out, moc_scores, embeds,
                masked_embeds, ocfg, step)
+  # The pairs the discriminator has something to find in: all matched ones, less the
+  # intact examples below.
+  disc_pair_w = pair_w
   itm_rows = intact = None
   if ocfg.itm_intact_fraction > 0:
     # The intact examples: the discriminator reads the original pair, so RTD and R2D find
-    # nothing replaced there (their weights drop below) and the corrective LM/MOC nothing
-    # masked. ITM learns from them and from the clean pairs, skipping the corrupted ones.
+    # nothing replaced there and the corrective LM/MOC nothing masked, and they leave all
+    # four (and the replaced shares). ITM learns from them and from the clean pairs,
+    # skipping the corrupted ones.
     intact = electra.random_rows(jax.random.fold_in(rng, 7), x.example.shape[0],
                                  ocfg.itm_intact_fraction)
     c = c._replace(ids=electra.restore_rows(c.ids, x.text_ids, intact),
                    feats=electra.restore_rows(c.feats, x.feats, intact),
                    embeds=electra.restore_rows(c.embeds, embeds, intact))
+    disc_pair_w = pair_w * ~intact
     text_loss_w = text_loss_w * ~intact[:, None]
     region_loss_w = region_loss_w * ~intact[:, None]
     itm_rows = intact if x.clean is None else intact | x.clean
@@ -564,10 +569,8 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
   rtd_logits, r2d_logits = discriminated["rtd"], discriminated["r2d"]
   # RTD reading the corrective LM skips [CLS] and [SEP]: there it would only teach the
   # corrective LM to name them, pulling the [CLS] state the pooler reads (docs/method.md §9).
-  text_w, region_w = _discriminator_weights(x, pair_w, c, words_only=model.cfg.rtd_reads_clm,
+  text_w, region_w = _discriminator_weights(x, disc_pair_w, c, words_only=model.cfg.rtd_reads_clm,
                                             scores_clean=ocfg.discriminator_scores_clean)
-  if intact is not None:
-    text_w, region_w = text_w * ~intact[:, None], region_w * ~intact[:, None]
   rtd = metrics_lib.sigmoid_cross_entropy(rtd_logits, rtd_labels, text_w)
   r2d = metrics_lib.sigmoid_cross_entropy(r2d_logits, r2d_labels, region_w)
   itm_logits = generated[2] if itm_on_masked else discriminated["itm"]
@@ -598,9 +601,7 @@ def electra_losses(model: MMElectra, params, batch, rng, ocfg: ObjectiveConfig,
       sums[f"{kind}_itm_acc"] = _itm_terms(itm_logits, x, rows)[1]
   if intact is not None:
     sums["intact_itm_acc"] = _itm_terms(itm_logits, x, intact)[1]
-  # The replaced shares are of the slots the generator filled: intact pairs have none.
-  sums.update(_replaced_fractions(x, pair_w if intact is None else pair_w * ~intact, c,
-                                  rtd_labels, r2d_labels))
+  sums.update(_replaced_fractions(x, disc_pair_w, c, rtd_labels, r2d_labels))
   sums["loss"] = (loss * x.example.sum(), x.example.sum())
   return loss, sums
 
