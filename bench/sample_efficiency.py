@@ -505,7 +505,8 @@ def run(variant: str, seed: int, budget_tflops: float, evals: int, workdir_root:
     }
     points.append(point)
     print(f"  step {step}: {point['flops'] / 1e12:.1f} TFLOPs, {point['train_seconds']:.0f} s: "
-          f"R@1 {point['retrieval_r1']:.3f} ITM {m['itm_acc']:.3f} VQA {vqa['vqa_acc']:.3f} "
+          f"R@1 {point['retrieval_r1']:.3f} ITM {m['itm_acc']:.3f} (intact pool "
+          f"{m['pool_itm_acc']:.3f}) VQA {vqa['vqa_acc']:.3f} "
           f"(VQA fine-tune {vqa_seconds:.0f} s)", flush=True)
 
   record = {

@@ -250,4 +250,6 @@ def retrieval_summary(metrics: dict) -> str:
     return "/".join(f"{metrics[f'{prefix}_r{k}']:.3f}" for k in retrieval.KS)
   pool = int(metrics["retrieval_pool"])
   return (f"zero-shot retrieval over {pool} images (ITM head): text->image R@1/5/10 "
-          f"{recalls('t2i')}, image->text R@1/5/10 {recalls('i2t')} (chance R@1 {1 / pool:.3f})")
+          f"{recalls('t2i')}, image->text R@1/5/10 {recalls('i2t')} (chance R@1 {1 / pool:.3f}); "
+          f"matching on the pool's intact pairs {metrics['pool_itm_acc']:.3f} (matched "
+          f"{metrics['pool_itm_pos_acc']:.3f}, mismatched {metrics['pool_itm_neg_acc']:.3f})")

@@ -61,7 +61,24 @@ def retrieval_metrics(scores: np.ndarray, text_to_image: np.ndarray, ks: Sequenc
     out[f"t2i_r{k}"] = r
   for k, r in recall_at_k(scores.T, positive.T, ks).items():
     out[f"i2t_r{k}"] = r
+  out.update(pool_itm_accuracy(scores, positive))
   return out
+
+
+def pool_itm_accuracy(scores: np.ndarray, positive: np.ndarray) -> dict:
+  """The ITM head's matching accuracy on the pool's intact pairs, as a user deploys it.
+
+  A pair is called matched where its log-odds are > 0 (the head's argmax; a tie is
+  "mismatched", as in training). `pool_itm_pos_acc` is the share of matched pairs called
+  matched, `pool_itm_neg_acc` of mismatched pairs called mismatched, and `pool_itm_acc`
+  their mean: the accuracy on pairs half of which match (the training's
+  `itm_negative_fraction` 0.5), read unmasked. Training's `itm_acc` is read on the
+  objective's masked or corrupted pairs instead (docs/method.md §12).
+  """
+  called = np.asarray(scores) > 0
+  pos = float(called[positive].mean())
+  neg = float((~called[~positive]).mean()) if (~positive).any() else float("nan")
+  return {"pool_itm_acc": (pos + neg) / 2, "pool_itm_pos_acc": pos, "pool_itm_neg_acc": neg}
 
 
 # --- scoring ----------------------------------------------------------------------------

@@ -52,6 +52,24 @@ def test_recall_ties_count_against_and_several_texts_per_image():
     retrieval.recall_at_k(np.zeros((2, 2)), np.zeros((2, 2), bool))
 
 
+def test_pool_itm_accuracy_reads_the_heads_sign_on_matched_and_mismatched_pairs():
+  # Text t describes image t; log-odds > 0 means "matched". Matched pairs: 3 of 4 called
+  # matched (the tie at 0 is "mismatched"); mismatched pairs: 10 of 12 called mismatched.
+  scores = np.array([
+      [2., -1., -1., 3.],
+      [-1., 0.5, -2., -1.],
+      [-1., 1., 4., -1.],
+      [-1., -1., -1., 0.],
+  ])
+  m = retrieval.retrieval_metrics(scores, np.arange(4), ks=(1,))
+  assert m["pool_itm_pos_acc"] == 0.75 and m["pool_itm_neg_acc"] == 10 / 12
+  assert m["pool_itm_acc"] == pytest.approx((0.75 + 10 / 12) / 2)
+  # A head that calls everything matched is at chance, however its scores rank.
+  m = retrieval.retrieval_metrics(scores + 10.0, np.arange(4), ks=(1,))
+  assert (m["pool_itm_pos_acc"], m["pool_itm_neg_acc"], m["pool_itm_acc"]) == (1.0, 0.0, 0.5)
+  assert m["t2i_r1"] == retrieval.retrieval_metrics(scores, np.arange(4), ks=(1,))["t2i_r1"]
+
+
 def test_score_all_pairs_matches_one_pair_at_a_time():
   from conftest import random_batch
   from mmelectra import sharding
@@ -105,7 +123,8 @@ def test_evaluate_all_writes_every_metric_and_tensorboard(trained):
     written = json.load(f)
   for key in ("loss", "moc_loss", "mlm_loss", "r2d_loss", "rtd_loss", "itm_loss", "mlm_acc", "moc_acc",
               "rtd_acc", "rtd_auc", "rtd_precision", "rtd_recall", "r2d_acc", "r2d_auc",
-              "text_replaced_frac", "region_replaced_frac", "itm_acc", *RETRIEVAL_KEYS):
+              "text_replaced_frac", "region_replaced_frac", "itm_acc", *RETRIEVAL_KEYS,
+              "pool_itm_acc", "pool_itm_pos_acc", "pool_itm_neg_acc"):
     assert key in written and np.isfinite(written[key]), key
   assert written["retrieval_pool"] == 5 and written["split"] == "validation"
   # Over a pool of 5, R@5 and R@10 are 1 by definition; R@1 is a real share.
