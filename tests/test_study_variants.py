@@ -155,3 +155,28 @@ def test_hold_off_argument_gives_the_no_hold_fields(study):
                      ("generator=tied,hold=off", "hold= is a setting")):
     with pytest.raises(ValueError, match=match):
       pretrain.get_config(arg)
+
+
+def test_the_report_compares_intact_pair_itm_only_where_every_line_has_it(study):
+  # pool_itm_acc exists only in lines recorded since 2026-12-06: a point averages it only
+  # over seeds that all have it, and no ratio is drawn against a baseline without it.
+  def line(variant, seed, points):
+    return {"variant": variant, "seed": seed, "config": {}, "timing": {"steps_per_sec": 1.0},
+            "points": [{"flops": f, "train_seconds": f, "budget_fraction": f / 2, **m}
+                       for f, m in points]}
+  common = {"retrieval_r1": 0.1, "itm_acc": 0.9, "vqa_acc": 0.7}
+  runs = [line("mlm", 0, [(1.0, common), (2.0, common)]),
+          line("electra", 0, [(1.0, {**common, "pool_itm_acc": 0.8}), (2.0, {**common, "pool_itm_acc": 0.9})]),
+          line("electra", 1, [(1.0, common), (2.0, {**common, "pool_itm_acc": 0.7})])]
+  data = study.curves(runs)
+  first, last = data["electra"]["points"]
+  assert "pool_itm_acc" not in first  # seed 1 lacks it there
+  assert last["pool_itm_acc"] == pytest.approx((0.8, 0.7, 0.9))
+  lines, ratios = study.ratio_table(data, "mlm", {"retrieval_pool": 100})
+  assert ("electra", "pool_itm_acc") not in ratios and ratios[("electra", "itm_acc")] == (0.5, True)
+  assert any("not in the baseline's lines" in l for l in lines)
+  # With the baseline's final pool ITM at 0.5, the electra curve reaches it at its last point
+  # (the first one to have the metric), i.e. at the full budget of the baseline.
+  runs[0] = line("mlm", 0, [(1.0, common), (2.0, {**common, "pool_itm_acc": 0.5})])
+  _, ratios = study.ratio_table(study.curves(runs), "mlm", {"retrieval_pool": 100})
+  assert ratios[("electra", "pool_itm_acc")] == (1.0, True)
