@@ -128,7 +128,7 @@ def get_config(arg=None):
   # that do not contradict themselves, these and the clean ones (docs/method.md §9).
   # electra only. Off: on the demo 0.25 matched at 0.97 and retrieved at R@1 0.60-0.74
   # (default 0.18-0.40), but fine-tuned on VQA no better than random initialisation
-  # (docs/findings.md, 2026-12-06 (d)).
+  # (docs/findings.md, 2026-12-06 (d)); at the study's size VQA fell too (2026-12-06 (e)).
   c.itm_intact_fraction = 0.0
   # Which pair the ITM head reads: "corrupted" (the discriminator's input) or "masked"
   # (the generator's input; only with model.generator=tied, where that pass runs the
