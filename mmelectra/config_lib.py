@@ -195,6 +195,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
     ("generator_trains_embeddings", *_one_of(True, False)),
     ("discriminator_clean_uniform_masking", *_one_of(True, False)),
     ("discriminator_scores_clean", *_one_of(True, False)),
+    ("discriminator_witness_on_clean", *_one_of(True, False)),
     ("cmoc_corrupted_weight", *_either(_NON_NEGATIVE, _one_of(-1, -1.0))),
     ("model.dtype", *_one_of("float32", "bfloat16")),
     ("model.generator", *_one_of("per_modality", "crossmodal", "tied")),

@@ -92,6 +92,10 @@ class ObjectiveConfig:
   # (`electra.witness_rows`). Its slots leave the corrective LM/MOC (nothing to correct)
   # and stay in RTD/R2D as originals. Not scheduled.
   discriminator_witness_fraction: float = 0.0
+  # True: a witness may fall on a clean example, where it unmasks one modality of the
+  # baseline's task; False: only corrupted examples get one, so the clean share (the
+  # hold) is the baseline's task whole.
+  discriminator_witness_on_clean: bool = True
   # The corrective MOC's weight on the corrupted examples, where the clean ones keep
   # `loss_weights.cmoc` (docs/method.md §9); None: `loss_weights.cmoc` on every example.
   cmoc_corrupted_weight: float | None = None
@@ -152,6 +156,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       cmoc_corrupted_weight=(None if config.cmoc_corrupted_weight < 0
                              else float(config.cmoc_corrupted_weight)),
       discriminator_witness_fraction=float(config.discriminator_witness_fraction),
+      discriminator_witness_on_clean=bool(config.discriminator_witness_on_clean),
       itm_intact_fraction=float(config.itm_intact_fraction),
   )
 
@@ -373,6 +378,8 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
     rng_text, rng_witness = jax.random.split(rng_text)
     witness_text, witness_regions = electra.witness_rows(
         rng_witness, x.text_ids.shape[0], ocfg.discriminator_witness_fraction)
+    if not ocfg.discriminator_witness_on_clean and x.clean is not None:
+      witness_text, witness_regions = witness_text & ~x.clean, witness_regions & ~x.clean
   keep = (ocfg.discriminator_mask_fraction > 0 or ocfg.discriminator_region_mask_fraction > 0
           or ocfg.discriminator_clean_fraction > 0)
   if keep:  # split only here, so runs without it keep their random streams

@@ -482,6 +482,34 @@ def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads(corrective):
     assert 0 < float(every[name][1]) < float(none[name][1]), name
 
 
+@pytest.mark.parametrize("on_clean", [True, False])
+def test_a_witness_falls_on_clean_examples_only_where_asked(corrective, on_clean):
+  config, setup, params = corrective
+  batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
+  ocfg = dataclasses.replace(setup.ocfg, discriminator_witness_fraction=1.0,
+                             discriminator_clean_fraction=0.5,
+                             discriminator_witness_on_clean=on_clean)
+  x = objectives._prepare(batch, jax.random.key(3), ocfg)
+  embeds, masked = objectives._region_embeddings(setup.model, params, x)
+  generated = setup.model.apply(
+      {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
+      x.text_positions, x.region_positions, True, False, region_embeds=masked,
+      method=setup.model.generate)
+  scores = objectives._moc_terms(generated[1], embeds, x, x.region_weights, ocfg)[2]
+  c = objectives._corrupt(setup.model, params, x, jax.random.key(1), jax.random.key(2),
+                          generated[0], generated[1], scores, embeds, masked, ocfg, None)
+  clean = np.asarray(x.clean)
+  witness = np.asarray(c.witness_text) | np.asarray(c.witness_regions)
+  assert clean.any() and (~clean).any()
+  # Every corrupted example is a witness (fraction 1); a clean one only where asked, and
+  # otherwise it stays the baseline's masked pair: no word read as the original.
+  assert witness[~clean].all()
+  assert witness[clean].all() == on_clean and witness[clean].any() == on_clean
+  if not on_clean:
+    masked_words = np.asarray(c.ids)[clean] == np.asarray(x.masked_ids)[clean]
+    assert masked_words.all()
+
+
 def test_tied_generator_runs_the_discriminators_encoder():
   config = micro_config(**{"model.generator": "tied"})
   params = nn.unbox(_boxed_params(config))
