@@ -449,6 +449,20 @@ def test_clean_rows_can_be_masked_uniformly_under_salience_weights():
   assert not hit[holds & clean].all()  # the clean rows are masked uniformly
 
 
+def _corruption(setup, params, x, ocfg):
+  """The pair `objectives._corrupt` writes for the prepared batch `x` under `ocfg`: the
+  generator's pass on the masked pair, its samples written back."""
+  embeds, masked = objectives._region_embeddings(setup.model, params, x)
+  generated = setup.model.apply(
+      {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
+      x.text_positions, x.region_positions, True, False, region_embeds=masked,
+      method=setup.model.generate)
+  scores = objectives._moc_terms(generated[1], embeds, x, x.region_weights, ocfg)[2]
+  c = objectives._corrupt(setup.model, params, x, jax.random.key(1), jax.random.key(2),
+                          generated[0], generated[1], scores, embeds, masked, ocfg, None)
+  return c
+
+
 def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads(corrective):
   config, setup, params = corrective
   batch = jax.tree.map(jnp.asarray, random_batch(config, batch_size=32))
@@ -458,14 +472,7 @@ def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads(corrective):
   # side exactly as the data has it (no [MASK], no replacement) and the other corrupted.
   ocfg = objectives.ObjectiveConfig(**{**setup.ocfg.__dict__, "discriminator_witness_fraction": 1.0,
                                        "discriminator_mask_fraction": 0.5})
-  embeds, masked = objectives._region_embeddings(setup.model, params, x)
-  generated = setup.model.apply(
-      {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
-      x.text_positions, x.region_positions, True, False, region_embeds=masked,
-      method=setup.model.generate)
-  scores = objectives._moc_terms(generated[1], embeds, x, x.region_weights, ocfg)[2]
-  c = objectives._corrupt(setup.model, params, x, jax.random.key(1), jax.random.key(2),
-                          generated[0], generated[1], scores, embeds, masked, ocfg, None)
+  c = _corruption(setup, params, x, ocfg)
   text_side, region_side = np.asarray(c.witness_text), np.asarray(c.witness_regions)
   assert (text_side ^ region_side).all() and text_side.any() and region_side.any()
   same_text = (np.asarray(c.ids) == np.asarray(x.text_ids)).all(axis=1)
@@ -490,14 +497,7 @@ def test_a_witness_falls_on_clean_examples_only_where_asked(corrective, on_clean
                              discriminator_clean_fraction=0.5,
                              discriminator_witness_on_clean=on_clean)
   x = objectives._prepare(batch, jax.random.key(3), ocfg)
-  embeds, masked = objectives._region_embeddings(setup.model, params, x)
-  generated = setup.model.apply(
-      {"params": params}, x.masked_ids, x.text_mask, None, x.boxes, x.region_mask,
-      x.text_positions, x.region_positions, True, False, region_embeds=masked,
-      method=setup.model.generate)
-  scores = objectives._moc_terms(generated[1], embeds, x, x.region_weights, ocfg)[2]
-  c = objectives._corrupt(setup.model, params, x, jax.random.key(1), jax.random.key(2),
-                          generated[0], generated[1], scores, embeds, masked, ocfg, None)
+  c = _corruption(setup, params, x, ocfg)
   clean = np.asarray(x.clean)
   witness = np.asarray(c.witness_text) | np.asarray(c.witness_regions)
   assert clean.any() and (~clean).any()
