@@ -257,7 +257,8 @@ VARIANTS = {
     # The default with a witness in every corrupted example and none in the clean ones, so
     # the hold is the baseline's task whole and the witness acts from the hand-over on: on
     # the demo it lifted colour checking with the true image to 0.91-0.92 without the cost
-    # to VQA the witness on clean examples had (docs/findings.md, 2026-12-06 (f)).
+    # to VQA the witness on clean examples had; here (seed 0) VQA 0.691 against the
+    # default's 0.809, its size questions lost (docs/findings.md, 2026-12-06 (f)).
     "witness_after": ("objective=electra", {"discriminator_witness_fraction": 1.0,
                                             "discriminator_witness_on_clean": False}),
 }

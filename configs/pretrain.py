@@ -187,7 +187,8 @@ def get_config(arg=None):
   # half of them, the regions in the other half) reads unmasked, an intact witness, so a
   # replaced word can be told from the image it contradicts and a replaced region from
   # the caption (docs/method.md §9). 0: both corrupted in every example.
-  # Off at this size until the study measures it; the demo preset (`runlocal`) has it.
+  # Off at this size: on the study's (one seed) the demo's witness cost VQA's size
+  # questions (0.691 against 0.809; docs/findings.md, 2026-12-06 (f)); `runlocal` has it.
   c.discriminator_witness_fraction = 0.0
   # True: a witness may also fall on a clean example, where it unmasks one side of the
   # baseline's task (it cost the demo's VQA, docs/findings.md, 2026-12-06 (e)); False:

@@ -372,7 +372,8 @@ def _corrupt(model: MMElectra, params, x, rng_text, rng_region, mlm_logits, moc_
   `discriminator_region_mask_fraction` of the masked regions masked instead, and every
   masked slot of a `discriminator_clean_fraction` of the examples; in a
   `discriminator_witness_fraction` of them one modality's masked slots read as the
-  originals (which overrides both)."""
+  originals (which overrides both; with `discriminator_witness_on_clean=False` only in
+  corrupted examples)."""
   kept_masked = kept_regions = witness_text = witness_regions = None
   if ocfg.discriminator_witness_fraction > 0:  # split only here, as `keep` below
     rng_text, rng_witness = jax.random.split(rng_text)
