@@ -458,9 +458,8 @@ def _corruption(setup, params, x, ocfg):
       x.text_positions, x.region_positions, True, False, region_embeds=masked,
       method=setup.model.generate)
   scores = objectives._moc_terms(generated[1], embeds, x, x.region_weights, ocfg)[2]
-  c = objectives._corrupt(setup.model, params, x, jax.random.key(1), jax.random.key(2),
-                          generated[0], generated[1], scores, embeds, masked, ocfg, None)
-  return c
+  return objectives._corrupt(setup.model, params, x, jax.random.key(1), jax.random.key(2),
+                             generated[0], generated[1], scores, embeds, masked, ocfg, None)
 
 
 def test_a_witness_is_read_unmasked_and_leaves_the_corrective_heads(corrective):
