@@ -25,6 +25,10 @@ Prints, for the latest checkpoint of a run trained on `synthetic_scenes`:
   captions, how often the discriminator's corrective-LM head names the original colour;
   `colour_clm_masked_acc_true` / `_other`: the same with the colour word set to [MASK]
   (the baseline's colour_mlm probe, asked of the discriminator).
+- The same for size words ("small"/"large": `size_mlm_acc_true`, `size_rtd_auc_true`, ...;
+  chance 1/2) and shape words (`shape_...`; chance 1/4). A size word can only be checked
+  against the boxes' extent, so `size_rtd_auc_true` near 0.5 means the encoder does not
+  read size (the VQA size questions then stay at chance after fine-tuning).
 Ends with a `RESULT key=value ...` line.
 """
 
@@ -48,14 +52,43 @@ _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: latest)")
 _SEED = flags.DEFINE_integer("seed", 0, "rng of the masked/swapped words")
 
 
-def pick_colour_words(ids: np.ndarray, colour_ids: list[int], rng) -> np.ndarray:
-  """One colour-word position per caption (-1 where a caption has none)."""
+# The caption words each probe masks or swaps, in the order probed (the rng draws in this
+# order, so the colour figures are those of the colour-only probe before size and shape).
+ATTRIBUTES = (("colour", synthetic_scenes.COLOURS), ("size", synthetic_scenes.SIZES),
+              ("shape", synthetic_scenes.SHAPES))
+
+
+def pick_words(ids: np.ndarray, word_ids: list[int], rng) -> np.ndarray:
+  """One position per caption of a word in `word_ids` (-1 where a caption has none)."""
   pos = np.full(len(ids), -1)
   for i, row in enumerate(ids):
-    found = np.flatnonzero(np.isin(row, colour_ids))
+    found = np.flatnonzero(np.isin(row, word_ids))
     if len(found):
       pos[i] = rng.choice(found)
   return pos
+
+
+def region_size_accuracy(vis: np.ndarray, boxes: np.ndarray, mask: np.ndarray,
+                         ridge: float = 1.0) -> float:
+  """Held-out accuracy of a ridge classifier of region size from region outputs `[B, K, D]`.
+
+  A region is large when its box's wider side is above the midpoint of the smallest and
+  largest seen; fitted on the first half of the examples, scored on the second. 0.5 is
+  chance on balanced sizes; near 1 means the outputs still carry the box's extent.
+  """
+  n = len(vis)
+  side = np.maximum(boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1])
+  real = mask.astype(bool)
+  threshold = (side[real].min() + side[real].max()) / 2
+  y = np.where(side > threshold, 1.0, -1.0)
+  fit, test = np.arange(n) < n // 2, np.arange(n) >= n // 2
+  x_fit, y_fit = vis[fit][real[fit]], y[fit][real[fit]]
+  mean, scale = x_fit.mean(0), x_fit.std(0) + 1e-6
+  feats = lambda x: np.concatenate([(x - mean) / scale, np.ones((len(x), 1))], 1)
+  a = feats(x_fit)
+  w = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ y_fit)
+  pred = feats(vis[test][real[test]]) @ w
+  return float((np.sign(pred) == y[test][real[test]]).mean())
 
 
 def main(argv):
@@ -110,29 +143,42 @@ def main(argv):
   res["itm_pair_acc_same_count"] = float(below_own[same_count].mean())
   res["itm_pair_acc_diff_count"] = float(below_own[~same_count].mean())
 
-  tok = data.tokenizer
-  colour_ids = [tok.token_to_id(c) for c in synthetic_scenes.COLOURS]
-  rng = np.random.default_rng(_SEED.value)
-  pos = pick_colour_words(b["text_ids"], colour_ids, rng)
-  has = pos >= 0
-  rows = np.arange(n)
-  masked = b["text_ids"].copy()
-  target = masked[rows, np.maximum(pos, 0)]
-  masked[rows[has], pos[has]] = special["mask"]
-  positions = np.maximum(pos, 0)[:, None].astype(np.int32)
-  region_positions = np.zeros((n, 1), np.int32)
-  method = MMElectra.generate if config.objective == "electra" else MMElectra.predict_masked
-  for name, img in (("true", same), ("other", other)):
-    logits = model.apply({"params": params}, masked, b["text_mask"], *image(img), positions,
-                         region_positions, True, method=method)[0]
-    res[f"colour_mlm_acc_{name}"] = float((np.asarray(logits)[:, 0].argmax(-1) == target)[has].mean())
+  # Box extent in the region outputs: a ridge classifier of each real region's size
+  # (side above the midpoint of the two object sizes) fitted on the first half of the scenes,
+  # scored on the second; the fusion encoder's outputs and, as a control, the region
+  # stack's before the cross layers.
+  lang_emb, vis_emb = model.apply({"params": params}, b["text_ids"], *image(same)[:2], True,
+                                  method=MMElectra._embed)
+  out = model.apply({"params": params}, lang_emb, b["text_mask"], vis_emb, b["region_mask"],
+                    True, with_unimodal=True, method=lambda m, *a, **k: m.encoder(*a, **k))
+  for key, vis in (("region_size_acc", out[1]), ("region_size_acc_unimodal", out[3])):
+    res[key] = region_size_accuracy(np.asarray(vis, np.float32), b["region_boxes"], b["region_mask"])
 
-  if config.objective == "electra":
+  tok = data.tokenizer
+  rng = np.random.default_rng(_SEED.value)
+  rows = np.arange(n)
+  method = MMElectra.generate if config.objective == "electra" else MMElectra.predict_masked
+  corrective = setup.model.cfg.corrective_lm
+  region_positions = np.zeros((n, 1), np.int32)
+  for attribute, words in ATTRIBUTES:
+    word_ids = [tok.token_to_id(w) for w in words]
+    pos = pick_words(b["text_ids"], word_ids, rng)
+    has = pos >= 0
+    masked = b["text_ids"].copy()
+    target = masked[rows, np.maximum(pos, 0)]
+    masked[rows[has], pos[has]] = special["mask"]
+    positions = np.maximum(pos, 0)[:, None].astype(np.int32)
+    for name, img in (("true", same), ("other", other)):
+      logits = model.apply({"params": params}, masked, b["text_mask"], *image(img), positions,
+                           region_positions, True, method=method)[0]
+      res[f"{attribute}_mlm_acc_{name}"] = float(
+          (np.asarray(logits)[:, 0].argmax(-1) == target)[has].mean())
+    if config.objective != "electra":
+      continue
     swapped = b["text_ids"].copy()
     label = (rng.random(n) < 0.5) & has
     for i in np.flatnonzero(label):
-      swapped[i, pos[i]] = rng.choice([c for c in colour_ids if c != swapped[i, pos[i]]])
-    corrective = setup.model.cfg.corrective_lm
+      swapped[i, pos[i]] = rng.choice([w for w in word_ids if w != swapped[i, pos[i]]])
     for name, img in (("true", same), ("other", other)):
       out = model.apply({"params": params}, swapped, b["text_mask"], *image(img), True,
                         text_positions=positions if corrective else None,
@@ -140,15 +186,15 @@ def main(argv):
       rtd = np.asarray(out["rtd"])
       if corrective:
         clm_pred = np.asarray(out["clm"])[:, 0].argmax(-1)
-        res[f"colour_clm_acc_{name}"] = float((clm_pred == target)[has].mean())
+        res[f"{attribute}_clm_acc_{name}"] = float((clm_pred == target)[has].mean())
         out_masked = model.apply({"params": params}, masked, b["text_mask"], *image(img), True,
                                  text_positions=positions, method=MMElectra.discriminate)
         clm_pred = np.asarray(out_masked["clm"])[:, 0].argmax(-1)
-        res[f"colour_clm_masked_acc_{name}"] = float((clm_pred == target)[has].mean())
+        res[f"{attribute}_clm_masked_acc_{name}"] = float((clm_pred == target)[has].mean())
       # The same AUC as the run's rtd_auc (electra's metric sums).
       hists = metrics_lib.binary_metric_sums("rtd", rtd[rows, np.maximum(pos, 0)],
-                                         label.astype(np.float32), has.astype(np.float32))["rtd_auc"]
-      res[f"colour_rtd_auc_{name}"] = metrics_lib.auc_from_histograms(*hists)
+                                             label.astype(np.float32), has.astype(np.float32))["rtd_auc"]
+      res[f"{attribute}_rtd_auc_{name}"] = metrics_lib.auc_from_histograms(*hists)
 
   print(json.dumps(res, indent=1))
   print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
