@@ -22,6 +22,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
 
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
@@ -49,6 +50,14 @@ def fast_compile():
   """`most_optimizations_disabled` for a whole module: `pytestmark = usefixtures(...)`."""
   with most_optimizations_disabled():
     yield
+
+
+def bench_script(name):
+  """`bench/<name>.py` loaded as a module (bench/ is scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def micro_config(objective="electra", moc="sample", **overrides):

@@ -1,22 +1,10 @@
 """The grounding probe's pure parts: which words it picks, and its region-size classifier."""
 
-import importlib.util
-import os
-
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import conftest
 
-
-def _probe():
-  spec = importlib.util.spec_from_file_location(
-      "grounding_probe", os.path.join(ROOT, "bench", "grounding_probe.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-probe = _probe()
+probe = conftest.bench_script("grounding_probe")
 
 
 def test_pick_words_takes_only_listed_words_and_marks_captions_without_one():

@@ -7,22 +7,19 @@ today's code must give the same summary, or the report would put today's variant
 lines of another config under one name.
 """
 
-import importlib.util
 import json
 import os
 
 import pytest
+
+import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "budget140_v2", "sample_efficiency.jsonl")
 
 
 def _study():
-  spec = importlib.util.spec_from_file_location(
-      "sample_efficiency", os.path.join(ROOT, "bench", "sample_efficiency.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return conftest.bench_script("sample_efficiency")
 
 
 def _lines():
