@@ -26,9 +26,14 @@ Prints, for the latest checkpoint of a run trained on `synthetic_scenes`:
   `colour_clm_masked_acc_true` / `_other`: the same with the colour word set to [MASK]
   (the baseline's colour_mlm probe, asked of the discriminator).
 - The same for size words ("small"/"large": `size_mlm_acc_true`, `size_rtd_auc_true`, ...;
-  chance 1/2) and shape words (`shape_...`; chance 1/4). A size word can only be checked
-  against the boxes' extent, so `size_rtd_auc_true` near 0.5 means the encoder does not
-  read size (the VQA size questions then stay at chance after fine-tuning).
+  chance 1/2) and shape words (`shape_...`; chance 1/4). A swapped colour can be caught by
+  "no region has that colour"; a swapped size word only by finding the region its phrase
+  names and reading its extent (a scene usually holds both sizes), so `size_rtd_auc_true`
+  near 0.5 means the discriminator does not bind words to regions. At the study's size
+  the runs where it did not lost VQA's size questions (docs/findings.md, 2026-12-06 (g)).
+- `region_size_acc` / `_unimodal`: held-out accuracy of a ridge classifier of each
+  region's size from the fusion encoder's region outputs / the region stack's before the
+  cross layers: whether the boxes' extent survives the encoder at all.
 Ends with a `RESULT key=value ...` line.
 """
 
