@@ -337,10 +337,5 @@ def get_config(arg=None):
       # 2026-12-06 (e), (f)).
       c.discriminator_witness_fraction = 1.0
       c.discriminator_witness_on_clean = False
-      # The matching loss at twice the others: the head then scores its own (corrupted or
-      # witnessed) pairs at 0.80-0.825 on seeds 0-2 (0.78-0.82 at weight 1) with RTD,
-      # colour checking and VQA within the rule set before the runs (docs/findings.md,
-      # 2026-12-06 (g)).
-      c.loss_weights.itm = 2.0
   c.lock()
   return c
