@@ -16,7 +16,10 @@ def test_pick_words_takes_only_listed_words_and_marks_captions_without_one():
     assert ids[0, pos[0]] in (5, 7) and ids[2, pos[2]] == 7
 
 
-def _scenes(n=200, k=4, d=16, seed=0):
+WIDTH = 16  # region output width of the synthetic outputs
+
+
+def _scenes(n=200, k=4, seed=0):
   rng = np.random.default_rng(seed)
   side = np.where(rng.random((n, k)) < 0.5, 0.16, 0.30)
   x1 = rng.random((n, k)) * 0.6
@@ -24,12 +27,12 @@ def _scenes(n=200, k=4, d=16, seed=0):
   boxes = np.stack([x1, y1, x1 + side, y1 + side], -1).astype(np.float32)
   mask = np.ones((n, k), bool)
   mask[:, -1] = rng.random(n) < 0.5  # some scenes have a padded slot
-  return rng, side, boxes, mask, d
+  return rng, side, boxes, mask
 
 
 def test_region_size_accuracy_reads_extent_where_the_outputs_carry_it():
-  rng, side, boxes, mask, d = _scenes()
-  noise = rng.normal(size=side.shape + (d,)).astype(np.float32)
+  rng, side, boxes, mask = _scenes()
+  noise = rng.normal(size=side.shape + (WIDTH,)).astype(np.float32)
   carries = noise.copy()
   carries[..., 3] += 3.0 * np.sign(side - 0.23)  # one direction holds the size
   assert probe.region_size_accuracy(carries, boxes, mask) > 0.95
@@ -38,8 +41,8 @@ def test_region_size_accuracy_reads_extent_where_the_outputs_carry_it():
 
 
 def test_region_size_accuracy_ignores_padded_regions():
-  rng, side, boxes, mask, d = _scenes()
-  vis = rng.normal(size=side.shape + (d,)).astype(np.float32)
+  rng, side, boxes, mask = _scenes()
+  vis = rng.normal(size=side.shape + (WIDTH,)).astype(np.float32)
   vis[..., 0] += 3.0 * np.sign(side - 0.23)
   # Padded slots get garbage boxes and outputs; the score must not move.
   garbage_boxes, garbage_vis = boxes.copy(), vis.copy()
