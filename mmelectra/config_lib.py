@@ -78,6 +78,7 @@ def upgrade(raw: dict) -> dict:
   raw.setdefault("generator_trains_embeddings", True)
   raw.setdefault("cmoc_corrupted_weight", -1.0)
   raw.setdefault("itm_intact_fraction", 0.0)
+  raw.setdefault("itm_same_count_fraction", 0.0)
   for name, value in NO_CLEAN_HOLD.items():
     raw.setdefault(name, value)
   return raw
@@ -187,7 +188,7 @@ PRETRAIN_RULES = _SHARED_RULES + (
            "model.dropout_rate", "model.attention_dropout_rate"),
     *_keys(_number(0, 1), "discriminator_mask_fraction", "discriminator_region_mask_fraction",
            "discriminator_clean_fraction", "discriminator_clean_floor",
-           "discriminator_witness_fraction", "itm_intact_fraction"),
+           "discriminator_witness_fraction", "itm_intact_fraction", "itm_same_count_fraction"),
     *_keys(_NON_NEGATIVE, "text_temperature", "region_temperature",
            *(f"loss_weights.{name}" for name in ("moc", "mlm", "r2d", "rtd", "itm", "clm", "cmoc", "itc"))),
     *_keys(_POSITIVE, "model.layer_norm_eps", "text_mask_salience_floor"),

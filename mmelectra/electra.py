@@ -267,12 +267,15 @@ def replaced_regions(original: Array, corrupted: Array, valid: Array) -> Array:
 
 
 def itm_pairs(rng: Array, batch_size: int, negative_fraction: float,
-              example_mask: Array | None = None) -> tuple[Array, Array]:
+              example_mask: Array | None = None, group: Array | None = None,
+              same_group_fraction: float = 0.0) -> tuple[Array, Array]:
   """Chooses which examples get another example's text (ITM negatives).
 
   Returns `text_source [B]` (index of the example whose text each example reads; itself
   for a matched pair) and `is_matched [B]` float32. A negative never reads its own text;
-  it reads a random other real example's.
+  it reads a random other real example's. With `group [B]` (e.g. each image's object
+  count) a `same_group_fraction` of the negatives read a text of their own group where
+  the batch has one: a hard negative that cannot be told by the group alone.
   """
   rng_neg, rng_src = jax.random.split(rng)
   negative = jax.random.uniform(rng_neg, (batch_size,)) < negative_fraction
@@ -283,6 +286,11 @@ def itm_pairs(rng: Array, batch_size: int, negative_fraction: float,
   scores = jax.random.uniform(rng_src, (batch_size, batch_size))
   allowed = real[None, :] & ~jnp.eye(batch_size, dtype=bool)
   other = jnp.argmax(jnp.where(allowed, scores, -1.0), axis=-1)
+  if group is not None and same_group_fraction > 0:
+    same = allowed & (group[:, None] == group[None, :])
+    hard = (jax.random.uniform(jax.random.fold_in(rng, 1), (batch_size,)) < same_group_fraction)
+    hard = hard & same.any(axis=-1)
+    other = jnp.where(hard, jnp.argmax(jnp.where(same, scores, -1.0), axis=-1), other)
   negative = negative & allowed.any(axis=-1)
   source = jnp.where(negative, other, jnp.arange(batch_size)).astype(jnp.int32)
   return source, (~negative).astype(jnp.float32)

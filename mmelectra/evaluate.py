@@ -11,6 +11,7 @@ images and captions of the split against each other with the ITM head.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import flax.linen as nn
@@ -32,8 +33,11 @@ from mmelectra import workdir as workdir_lib
 def make_eval_step(setup: setup_lib.Setup):
   """jit(params, batch, rng) -> metric sums of the objective, without dropout."""
 
+  # Evaluation reads uniform ITM negatives, whatever training drew.
+  ocfg = dataclasses.replace(setup.ocfg, itm_same_count_fraction=0.0)
+
   def eval_step(params, batch, rng):
-    _, sums = objectives.compute_losses(setup.model, params, batch, rng, setup.ocfg, deterministic=True)
+    _, sums = objectives.compute_losses(setup.model, params, batch, rng, ocfg, deterministic=True)
     return sums
 
   return jax.jit(eval_step)

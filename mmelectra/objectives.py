@@ -105,6 +105,11 @@ class ObjectiveConfig:
   # (a replaced word or region) leaves ITM, and the intact pairs leave RTD/R2D and the
   # corrective LM/MOC (nothing replaced or masked to find). 0: ITM on every example.
   itm_intact_fraction: float = 0.0
+  # Share of the ITM negatives that read a text whose image has as many objects (real
+  # regions) as theirs, where the batch holds one: a wrong caption the count alone does
+  # not give away. 0: every negative a uniform other example. Training only: evaluation
+  # reads uniform negatives.
+  itm_same_count_fraction: float = 0.0
 
   @property
   def weights(self) -> dict[str, float]:
@@ -158,6 +163,7 @@ def objective_config_from(config, special_token_ids: Mapping[str, int],
       discriminator_witness_fraction=float(config.discriminator_witness_fraction),
       discriminator_witness_on_clean=bool(config.discriminator_witness_on_clean),
       itm_intact_fraction=float(config.itm_intact_fraction),
+      itm_same_count_fraction=float(config.itm_same_count_fraction),
   )
 
 
@@ -204,7 +210,10 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig, step
   if example_mask is None:
     example_mask = jnp.ones(batch["text_ids"].shape[:1], bool)
   batch_size = batch["text_ids"].shape[0]
-  source, matched = electra.itm_pairs(rng_itm, batch_size, ocfg.itm_negative_fraction, example_mask)
+  source, matched = electra.itm_pairs(
+      rng_itm, batch_size, ocfg.itm_negative_fraction, example_mask,
+      group=batch["region_mask"].astype(jnp.int32).sum(-1),
+      same_group_fraction=ocfg.itm_same_count_fraction)
   # A negative's text may sit on another data-parallel shard.
   text_ids = collectives.take_rows(batch["text_ids"], source)
   text_mask = collectives.take_rows(batch["text_mask"], source).astype(bool)

@@ -200,6 +200,31 @@ def test_itm_pairs_negatives_read_another_real_example():
   assert np.asarray(none_neg).all()
 
 
+def test_itm_hard_negatives_read_a_text_of_their_own_group():
+  rng, n = jax.random.key(5), 400
+  group = jnp.asarray(np.random.RandomState(0).randint(1, 5, n))  # object counts 1-4
+  real = jnp.asarray(np.arange(n) < n - 10)
+  uniform = electra.itm_pairs(rng, n, 0.5, real)
+  # Off (and no group) draws exactly the uniform negatives: earlier runs keep their stream.
+  off = electra.itm_pairs(rng, n, 0.5, real, group=group, same_group_fraction=0.0)
+  np.testing.assert_array_equal(np.asarray(off[0]), np.asarray(uniform[0]))
+  src, matched = (np.asarray(a) for a in electra.itm_pairs(rng, n, 0.5, real, group=group,
+                                                         same_group_fraction=1.0))
+  g, neg = np.asarray(group), matched == 0
+  np.testing.assert_array_equal(matched, np.asarray(uniform[1]))  # the same pairs negative
+  assert (src[neg] != np.arange(n)[neg]).all() and (src[neg] < n - 10).all()
+  assert (g[src[neg]] == g[neg]).all()
+  # Uniform negatives share the group about a quarter of the time; half hard, between.
+  base = (g[np.asarray(uniform[0])[neg]] == g[neg]).mean()
+  half, _ = electra.itm_pairs(rng, n, 0.5, real, group=group, same_group_fraction=0.5)
+  mixed = (g[np.asarray(half)[neg]] == g[neg]).mean()
+  assert base < 0.4 and base + 0.2 < mixed < 0.9
+  # An example alone in its group falls back to a uniform other example.
+  lone = jnp.asarray([1, 2, 2, 2])
+  src1, m1 = electra.itm_pairs(jax.random.key(1), 4, 1.0, group=lone, same_group_fraction=1.0)
+  assert int(src1[0]) != 0 and not bool(m1[0])
+
+
 def test_losses_match_reference_formulas():
   logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
   labels = jnp.array([0, 2])
