@@ -130,8 +130,10 @@ def get_config(arg=None):
   # (default 0.18-0.40), but fine-tuned on VQA no better than random initialisation
   # (docs/findings.md, 2026-12-06 (d)); at the study's size VQA fell too (2026-12-06 (e)).
   c.itm_intact_fraction = 0.0
-  # Share of the ITM negatives drawn from the examples with as many objects (hard negatives
-  # by count); evaluation always reads uniform ones.
+  # Share of the ITM negatives drawn from the examples with as many objects (real regions:
+  # hard negatives by count, for object regions; with `regions=patches` every image has as
+  # many, so the draw is uniform); evaluation always reads uniform ones. Off: on the demo
+  # it lowered matching on the corrupted pair (docs/findings.md, 2026-12-06 (i)).
   c.itm_same_count_fraction = 0.0
   # Which pair the ITM head reads: "corrupted" (the discriminator's input) or "masked"
   # (the generator's input; only with model.generator=tied, where that pass runs the
