@@ -285,12 +285,12 @@ def itm_pairs(rng: Array, batch_size: int, negative_fraction: float,
   # Another real example, uniformly: random scores, own index and padding excluded.
   scores = jax.random.uniform(rng_src, (batch_size, batch_size))
   allowed = real[None, :] & ~jnp.eye(batch_size, dtype=bool)
-  other = jnp.argmax(jnp.where(allowed, scores, -1.0), axis=-1)
+  candidates = allowed
   if group is not None and same_group_fraction > 0:
     same = allowed & (group[:, None] == group[None, :])
     hard = (jax.random.uniform(jax.random.fold_in(rng, 1), (batch_size,)) < same_group_fraction)
-    hard = hard & same.any(axis=-1)
-    other = jnp.where(hard, jnp.argmax(jnp.where(same, scores, -1.0), axis=-1), other)
+    candidates = jnp.where((hard & same.any(axis=-1))[:, None], same, allowed)
+  other = jnp.argmax(jnp.where(candidates, scores, -1.0), axis=-1)
   negative = negative & allowed.any(axis=-1)
   source = jnp.where(negative, other, jnp.arange(batch_size)).astype(jnp.int32)
   return source, (~negative).astype(jnp.float32)
