@@ -210,10 +210,12 @@ def _prepare(batch: Mapping[str, Array], rng: Array, ocfg: ObjectiveConfig, step
   if example_mask is None:
     example_mask = jnp.ones(batch["text_ids"].shape[:1], bool)
   batch_size = batch["text_ids"].shape[0]
+  # Hard negatives by count group the examples by their real regions; off, no group.
+  count = (batch["region_mask"].astype(jnp.int32).sum(-1)
+           if ocfg.itm_same_count_fraction > 0 else None)
   source, matched = electra.itm_pairs(
       rng_itm, batch_size, ocfg.itm_negative_fraction, example_mask,
-      group=batch["region_mask"].astype(jnp.int32).sum(-1),
-      same_group_fraction=ocfg.itm_same_count_fraction)
+      group=count, same_group_fraction=ocfg.itm_same_count_fraction)
   # A negative's text may sit on another data-parallel shard.
   text_ids = collectives.take_rows(batch["text_ids"], source)
   text_mask = collectives.take_rows(batch["text_mask"], source).astype(bool)
