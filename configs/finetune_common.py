@@ -36,7 +36,9 @@ def common(task: str, learning_rate: float, head_learning_rate: float,
   # checkpoint (init_from matches parameters in the unrolled layout).
   c.scan_layers = -1
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=learning_rate, warmup_steps=50 if runlocal else 300, schedule="linear",
+      learning_rate=learning_rate, warmup_steps=50 if runlocal else 300,
+      schedule="linear",  # after warmup: linear | cosine decay, or wsd (peak, then decay)
+      decay_fraction=0.2,  # wsd: the share of the run, at its end, over which the rate decays
       end_learning_rate_fraction=0.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
       grad_clip_norm=1.0,
       layer_decay=1.0,  # < 1: layer-wise learning-rate decay (ELECTRA uses 0.8)

@@ -232,7 +232,8 @@ def get_config(arg=None):
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4 if size in ("tiny", "small") else 1e-4,
       warmup_steps=1_000,
-      schedule="linear",  # linear | cosine decay after warmup
+      schedule="linear",  # after warmup: linear | cosine decay, or wsd (peak, then decay)
+      decay_fraction=0.2,  # wsd: the share of the run, at its end, over which the rate decays
       end_learning_rate_fraction=0.0,
       b1=0.9, b2=0.999, eps=1e-6,
       weight_decay=0.01,

@@ -12,6 +12,12 @@ from mmelectra import errors
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then `schedule` down to `end_learning_rate_fraction` of it.
+
+  "linear" and "cosine" decay over every step after warmup. "wsd" (warmup-stable-decay:
+  Hu et al. 2024, MiniCPM; Hägele et al. 2024) holds the peak and decays linearly over the
+  last `decay_fraction` of the run only.
+  """
   peak = opt_cfg.learning_rate
   warmup = min(opt_cfg.warmup_steps, max(total_steps - 1, 0))
   end = peak * opt_cfg.end_learning_rate_fraction
@@ -20,8 +26,17 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     decay = optax.linear_schedule(peak, end, decay_steps)
   elif opt_cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt_cfg.end_learning_rate_fraction)
+  elif opt_cfg.schedule == "wsd":
+    fraction = opt_cfg.decay_fraction
+    if not 0.0 < fraction <= 1.0:
+      raise errors.InvalidInput(f"optimizer.decay_fraction must be in (0, 1], got {fraction!r}")
+    cooldown = min(max(round(total_steps * fraction), 1), decay_steps)
+    decay = optax.join_schedules(
+        [optax.constant_schedule(peak), optax.linear_schedule(peak, end, cooldown)],
+        [decay_steps - cooldown])
   else:
-    raise errors.InvalidInput(f"optimizer.schedule must be 'linear' or 'cosine', got {opt_cfg.schedule!r}")
+    raise errors.InvalidInput(
+        f"optimizer.schedule must be 'linear', 'cosine' or 'wsd', got {opt_cfg.schedule!r}")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
