@@ -315,7 +315,9 @@ def get_config(arg=None):
     # The size's peak rate (5e-4 for tiny), not 1e-3: at 1e-3 the hold's corrective MOC
     # leaves chance later and the demo encoder fine-tuned on VQA scored below random
     # initialisation on seeds 1 and 2; at 5e-4 it scores above on seeds 0-3, at a cost in
-    # matching (docs/findings.md, 2026-12-06 (c)). At 2e-3 nothing grounds.
+    # matching (docs/findings.md, 2026-12-06 (c)). At 2e-3 nothing grounds. Linear decay,
+    # not wsd: held at the peak to step 1600, the demo matched better (0.80-0.845) but its
+    # encoder fine-tuned lower on VQA (docs/findings.md, 2026-12-07 (b)).
     c.batch_size = 32
     c.data.num_train = 2000
     c.data.num_validation = 200
