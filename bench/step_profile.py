@@ -1,7 +1,10 @@
 """Where the train step's time goes: a profiler trace of the jitted step, summed by part.
 
-    .venv/bin/python bench/step_profile.py [--config=size=tiny,regions=crops,runlocal]
-        [--steps=10] [--top=12] [--override=optimizer.schedule=wsd ...]
+    .venv/bin/python bench/step_profile.py [--config=configs/pretrain.py:size=tiny,regions=crops,runlocal]
+        [--config.optimizer.schedule=wsd ...] [--steps=10] [--top=12]
+
+The config and its `--config.key=value` overrides are read as `mmelectra train` reads them
+(ml_collections' config flags: typed, a mistyped key is an error naming it).
 
 Times the step (`step_timing.JaxStep`: a pretraining config's own shapes, one random batch
 placed once, state donated), then traces `--steps` steps with `jax.profiler` and sums the
@@ -18,7 +21,6 @@ top=<part>:<share>`.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -33,28 +35,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from step_timing import JaxStep  # noqa: E402
-from configs import pretrain  # noqa: E402
 from mmelectra import config_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, "configs", "pretrain.py:size=tiny,regions=crops,runlocal"),
+    "pretraining config file with its ':arg' string; override fields with --config.key=value")
+_STEPS = flags.DEFINE_integer("steps", 10, "steps traced")
+_TIMING_STEPS = flags.DEFINE_integer("timing_steps", 40, "steps per timing round (best of 3)")
+_TOP = flags.DEFINE_integer("top", 12, "rows printed per table")
 
 # Runtime bookkeeping in the trace, not ops of the step.
 _NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "PjitFunction", "CommonPjRt")
-
-
-def build_config(arg: str, overrides: list[str]) -> ml_collections.ConfigDict:
-  config = pretrain.get_config(arg)
-  for item in overrides:
-    key, _, value = item.partition("=")
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    old = node[leaf]
-    node[leaf] = (value == "True") if isinstance(old, bool) else type(old)(value)
-  return config_lib.finalize(config)
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -105,38 +102,34 @@ def summarize(events, threads, names: dict[str, str], steps: int):
   return by_part, by_kind
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--config", default="size=tiny,regions=crops,runlocal",
-                 help="configs/pretrain.py's argument string")
-  p.add_argument("--override", nargs="*", default=[], help="key=value, e.g. batch_size=64")
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--timing_steps", type=int, default=40)
-  p.add_argument("--top", type=int, default=12)
-  args = p.parse_args(argv)
-
-  config = build_config(args.config, args.override)
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  config = config_lib.finalize(_CONFIG.value)
   runner = JaxStep(config)
-  seconds = min(runner(args.timing_steps) for _ in range(3)) / args.timing_steps
-  names = op_names(runner.step_fn.lower(runner.state, runner.batch).compile().as_text())
+  seconds = min(runner(_TIMING_STEPS.value) for _ in range(3)) / _TIMING_STEPS.value
+  names = op_names(runner.step_fn.as_text())
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      wall = runner(args.steps) / args.steps
+      wall = runner(_STEPS.value) / _STEPS.value
     events, threads = trace_events(trace_dir)
-  by_part, by_kind = summarize(events, threads, names, args.steps)
+  by_part, by_kind = summarize(events, threads, names, _STEPS.value)
   total = sum(by_part.values())
   gflop = runner.flops_per_step() / 1e9
-  print(f"config {args.config} {' '.join(args.override)}; batch {config.batch_size}; "
+  overrides = " ".join(f"--config.{k}={v}" for k, v in
+                       config_flags.get_override_values(flags.FLAGS["config"]).items())
+  print(f"config {config_flags.get_config_filename(flags.FLAGS['config'])} {overrides}; "
+        f"batch {config.batch_size}; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
-  print(f"step {seconds * 1e3:.1f} ms ({1 / seconds:.2f} steps/s, best of 3 x {args.timing_steps}); "
+  print(f"step {seconds * 1e3:.1f} ms ({1 / seconds:.2f} steps/s, best of 3 x {_TIMING_STEPS.value}); "
         f"{gflop:.2f} GFLOP/step (analytic) = {gflop / seconds:.1f} GFLOP/s; compile {runner.compile_s:.0f} s")
-  print(f"traced {args.steps} steps: wall {wall * 1e3:.1f} ms/step, op time {total / 1e3:.1f} ms/step "
+  print(f"traced {_STEPS.value} steps: wall {wall * 1e3:.1f} ms/step, op time {total / 1e3:.1f} ms/step "
         f"over the runtime's threads (threads busy {total / 1e6 / wall:.2f})")
   print("\nby part (ms/step, share of op time):")
-  for part, micros in by_part.most_common(args.top):
+  for part, micros in by_part.most_common(_TOP.value):
     print(f"  {micros / 1e3:8.2f}  {100 * micros / total:5.1f}%  {part}")
   print("\nby op kind:")
-  for kind, micros in by_kind.most_common(args.top):
+  for kind, micros in by_kind.most_common(_TOP.value):
     print(f"  {micros / 1e3:8.2f}  {100 * micros / total:5.1f}%  {kind}")
   top, top_micros = by_part.most_common(1)[0]
   print(f"\nRESULT steps_per_s={1 / seconds:.2f} gflop_per_step={gflop:.2f} "
@@ -145,4 +138,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
